@@ -1,0 +1,1 @@
+"""Data steps: demo corpus, decoding, chunking, pair building, latent encoding."""

@@ -1,0 +1,1 @@
+"""Orchestration: configs, the step DAG, executors (local, slurm), run state, resume, tracking."""

@@ -1,0 +1,235 @@
+"""Typed configuration schema: one dataclass per config section.
+
+The values live in the YAML files under configs/; these classes only say which keys
+exist and what type each has. A key missing from the merged YAML is an error, so every
+number has exactly one home (the YAML), never a silent default in code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class RunConfig:
+    name: str                 # run folder name under root
+    root: str                 # where run folders live
+    seed: int                 # global seed for everything that draws random numbers
+
+
+@dataclass
+class DataConfig:
+    source: str               # folder of music files ("" = the generated demo corpus)
+    demo_songs: int           # songs in the generated demo corpus
+    demo_seconds: float       # length of each demo song
+    sample_rate: int          # target rate after resampling (24000 or 12000)
+    channels: int             # 1 = downmix to mono, 2 = stereo (mono input is duplicated)
+    chunk_seconds: float      # fixed chunk length
+    tail: str                 # "drop" or "pad" the last partial chunk
+    min_seconds: float        # files shorter than this are skipped
+    silence_db: Optional[float]  # chunks quieter than this RMS (dBFS) are skipped; null = keep all
+    max_chunks_per_song: int  # 0 = no cap
+    dtype: str                # "float32" or "int16" for the stored chunk arrays
+    block_seconds: float      # decode block size (never the whole file in memory)
+    num_shards: int           # chunk job-array width
+    workers: int              # processes per shard on a local run
+
+
+@dataclass
+class PairsConfig:
+    gap: int                  # target chunk index = input index + 1 + gap
+    stride: int               # step between successive input chunks
+    val_fraction: float       # share of songs held out for validation
+    shuffle_targets: bool     # pair inputs with a random continuation from another song
+
+
+@dataclass
+class AugmentConfig:
+    variants: int             # augmented copies encoded per training chunk (0 = off)
+    gain_db: list             # [low, high] gain range in dB
+    pitch_semitones: list     # [low, high] pitch shift in semitones
+    stretch: list             # [low, high] time-stretch factor
+    noise_snr_db: list        # [low, high] SNR of added noise
+    mix_db: list              # [low, high] level of the quiet second song, relative dB
+    types: list               # which of gain, pitch, stretch, noise, mix are used
+
+
+@dataclass
+class EncodeConfig:
+    codec: str                # "encodec" or "mel"
+    weights_dir: str          # local folder holding encodec_24khz-d7cc33bc.th
+    pretrained: bool          # false = random weights (tests only; recorded in the manifest)
+    bandwidth: float          # EnCodec target bandwidth in kbps
+    use_codes: bool           # store RVQ codes instead of continuous latents
+    batch_size: int
+    shard_size: int           # chunks per latent shard file
+    device: str               # "auto", "cpu" or "cuda"
+    augment: AugmentConfig
+
+
+@dataclass
+class TransformerConfig:
+    latent_dim: int           # 128 for both codecs
+    d_model: int
+    layers: int
+    heads: int
+    ff_mult: int
+    dropout: float
+    cascade_stages: int       # creative mode cascade depth
+    max_frames: int           # positional table size
+
+
+@dataclass
+class VaeModelConfig:
+    levels: int               # hierarchy depth (3)
+    latent_channels: int
+    downsample: list          # time downsampling factor per level, e.g. [2, 4, 8]
+
+
+@dataclass
+class DiscriminatorConfig:
+    scales: list              # time pooling per sub-discriminator, e.g. [1, 2, 4]
+    channels: int
+    layers: int
+    spectral_norm: bool
+    minibatch_features: int   # 0 = no minibatch discrimination
+
+
+@dataclass
+class ModelConfig:
+    transformer: TransformerConfig
+    vae: VaeModelConfig
+    discriminator: DiscriminatorConfig
+
+
+@dataclass
+class LossConfig:
+    latent_l1: float
+    latent_mse: float
+    spectral: float           # FFT-magnitude loss over time
+    freq_weighted: bool       # MusicVAE band weights on reconstruction
+    output_range: float       # penalty for outputs outside the target range
+    balance: float            # creative-agent mask terms
+    coverage: float
+    temporal_diversity: float
+    min_mask_std: float       # hinge level for the temporal-diversity term
+
+
+@dataclass
+class KlConfig:
+    beta: float
+    anneal_epochs: int
+    free_bits: float          # nats per latent channel per level
+
+
+@dataclass
+class GanConfig:
+    loss: str                 # "bce", "hinge" or "lsgan"
+    label_smoothing: float    # real label = 1 - smoothing (bce)
+    feature_matching: float
+    adv_weight: float         # final adversarial weight
+    adv_ramp_epochs: int      # linear ramp from 0 to adv_weight
+    d_pretrain_epochs: int
+    lr_d: float
+    d_steps: int
+
+
+@dataclass
+class CurriculumConfig:
+    rate: float               # pure-GAN alpha per epoch (0 = off)
+    start_epoch: int          # first epoch with noise (epochs counted from 1)
+    cap: float
+
+
+@dataclass
+class GateConfig:
+    require_finite: bool
+    min_improvement: float    # val loss must drop by this fraction of epoch 1's
+    max_val_loss: Optional[float]  # or be below this; null = not used
+
+
+@dataclass
+class StageConfig:
+    enabled_parts: list       # subset of ["transformer", "vae", "gan"]
+    mode: str                 # "continuation" or "creative"
+    epochs: int
+    batch_size: int           # global batch (split over ranks)
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    grad_clip: float
+    checkpoint_every: int     # epoch_<n>.pt every k epochs
+    sample_every: int         # log generated samples every k epochs (0 = never)
+    early_stop_patience: int  # 0 = off
+    augment_prob: float       # chance a training sample comes from an augmented variant
+    anti_cheat_noise: float   # std of noise added to the target view in creative mode
+    num_workers: int
+    detect_anomaly: bool
+    deterministic: bool
+    loss: LossConfig
+    kl: Optional[KlConfig]
+    gan: Optional[GanConfig]
+    curriculum: CurriculumConfig
+    gate: GateConfig
+
+
+@dataclass
+class AuditConfig:
+    gen_epoch: int            # generator checkpoint to audit (0 = last saved)
+    first_epoch: int          # discriminator range (0 = all)
+    last_epoch: int
+    batch_size: int           # same as training by default; minibatch discrimination needs it
+
+
+@dataclass
+class GenerateConfig:
+    n: int
+    temperature: float
+    seed: int
+    checkpoint: str           # "" = stage3 best.pt of the run
+    griffin_lim_iters: int
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str         # "" = sqlite file in the run root
+    experiment: str
+    system_metrics: bool
+
+
+@dataclass
+class Resources:
+    time_min: int
+    nodes: int
+    gpus_per_node: int
+    cpus_per_task: int
+    mem_gb: int
+
+
+@dataclass
+class ClusterConfig:
+    executor: str             # "auto", "local" or "slurm"
+    partition: str
+    account: str
+    qos: str
+    setup: list               # shell lines run before each job, e.g. module load
+    signal_delay_s: int       # USR2 this long before the time limit
+    max_requeues: int
+    steps: dict[str, Resources]  # step name -> Resources
+
+
+@dataclass
+class Config:
+    run: RunConfig
+    data: DataConfig
+    pairs: PairsConfig
+    encode: EncodeConfig
+    model: ModelConfig
+    stage1: StageConfig
+    stage2: StageConfig
+    stage3: StageConfig
+    audit: AuditConfig
+    generate: GenerateConfig
+    mlflow: MlflowConfig
+    cluster: ClusterConfig
+    extra: dict = field(default_factory=dict)  # free-form notes, never read by code

@@ -1,0 +1,125 @@
+"""MLflow tracking: one parent run per pipeline run, one child run per step.
+
+Steps run in separate jobs (often on other nodes), so the child is tied to its parent by
+the `mlflow.parentRunId` tag, with the parent's id read from the run folder. Only rank 0
+logs; on other ranks every call is a no-op. A step that is resumed keeps its child run.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from pipeline.atomic import atomic_write_json
+from pipeline.schema import Config
+
+PARENT_FILE = "mlflow_parent.json"
+CHILD_FILE = "mlflow_run.json"
+
+
+def tracking_uri(cfg: Config) -> str:
+    """The configured URI, or a sqlite file in the run root (absolute, so jobs agree)."""
+    if cfg.mlflow.tracking_uri:
+        return cfg.mlflow.tracking_uri
+    root = Path(cfg.run.root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def _setup(cfg: Config):
+    os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    import mlflow
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    exp = mlflow.set_experiment(cfg.mlflow.experiment)
+    return mlflow, exp.experiment_id
+
+
+def _flat_params(cfg_section: Any, prefix: str = "") -> dict:
+    out: dict = {}
+    if isinstance(cfg_section, dict):
+        for key, value in cfg_section.items():
+            out.update(_flat_params(value, f"{prefix}{key}."))
+    else:
+        out[prefix.rstrip(".")] = str(cfg_section)[:500]
+    return out
+
+
+def ensure_parent_run(cfg: Config, run_dir: Path) -> str:
+    """Create (once) the pipeline's parent run and record its id in the run folder."""
+    path = Path(run_dir) / PARENT_FILE
+    if path.exists():
+        return json.loads(path.read_text())["run_id"]
+    mlflow, exp_id = _setup(cfg)
+    client = mlflow.MlflowClient()
+    run = client.create_run(exp_id, run_name=cfg.run.name,
+                            tags={"pipeline.run_dir": str(Path(run_dir).resolve())})
+    client.set_terminated(run.info.run_id, status="RUNNING")
+    atomic_write_json(path, {"run_id": run.info.run_id, "uri": tracking_uri(cfg)})
+    return run.info.run_id
+
+
+class StepTracker:
+    """Logs for one step; every method is a no-op when disabled (rank != 0)."""
+
+    def __init__(self, mlflow_module: Any = None):
+        self._mlflow = mlflow_module
+        self.run_id: Optional[str] = None
+
+    @property
+    def enabled(self) -> bool:
+        return self._mlflow is not None
+
+    def log_params(self, params: dict) -> None:
+        if self.enabled:
+            flat = _flat_params(params)
+            items = list(flat.items())
+            for i in range(0, len(items), 100):
+                self._mlflow.log_params(dict(items[i:i + 100]))
+
+    def log_metrics(self, metrics: dict, step: Optional[int] = None) -> None:
+        if self.enabled:
+            clean = {k: float(v) for k, v in metrics.items() if v is not None}
+            self._mlflow.log_metrics(clean, step=step)
+
+    def log_artifact(self, path: Path | str, artifact_path: Optional[str] = None) -> None:
+        if self.enabled and Path(path).exists():
+            self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def set_tags(self, tags: dict) -> None:
+        if self.enabled:
+            self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+@contextlib.contextmanager
+def step_run(cfg: Config, run_dir: Path, step: str, rank: int = 0,
+             system_metrics: Optional[bool] = None) -> Iterator[StepTracker]:
+    """Open (or reopen, on resume) the child run of `step`; yields a StepTracker."""
+    if rank != 0:
+        yield StepTracker(None)
+        return
+    mlflow, exp_id = _setup(cfg)
+    parent = ensure_parent_run(cfg, run_dir)
+    step_dir = Path(run_dir) / step
+    step_dir.mkdir(parents=True, exist_ok=True)
+    child_file = step_dir / CHILD_FILE
+    previous = json.loads(child_file.read_text())["run_id"] if child_file.exists() else None
+    sysm = cfg.mlflow.system_metrics if system_metrics is None else system_metrics
+    kwargs: dict = {"log_system_metrics": sysm}
+    if previous:
+        kwargs["run_id"] = previous
+    else:
+        kwargs.update(run_name=step, experiment_id=exp_id,
+                      tags={"mlflow.parentRunId": parent, "pipeline.step": step,
+                            "pipeline.run": cfg.run.name})
+    run = mlflow.start_run(**kwargs)
+    atomic_write_json(child_file, {"run_id": run.info.run_id, "parent": parent})
+    tracker = StepTracker(mlflow)
+    tracker.run_id = run.info.run_id
+    status = "FAILED"
+    try:
+        yield tracker
+        status = "FINISHED"
+    finally:
+        mlflow.end_run(status=status)
