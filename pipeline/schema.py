@@ -55,6 +55,13 @@ class AugmentConfig:
 
 
 @dataclass
+class MelConfig:
+    window_hops: int          # STFT window = this many hops (hop = sample_rate / 75)
+    log_floor: float          # mel power is clamped to this before the log
+    griffin_lim_iters: int    # Griffin-Lim iterations when decoding mel frames to audio
+
+
+@dataclass
 class EncodeConfig:
     codec: str                # "encodec" or "mel"
     weights_dir: str          # local folder holding encodec_24khz-d7cc33bc.th
@@ -64,6 +71,7 @@ class EncodeConfig:
     batch_size: int
     shard_size: int           # chunks per latent shard file
     device: str               # "auto", "cpu" or "cuda"
+    mel: MelConfig            # parameters of the mel codec
     augment: AugmentConfig
 
 
