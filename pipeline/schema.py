@@ -187,6 +187,16 @@ class AuditConfig:
     first_epoch: int          # discriminator range (0 = all)
     last_epoch: int
     batch_size: int           # same as training by default; minibatch discrimination needs it
+    collapse_d_loss: float    # D loss (per BCE term) below this at every epoch = D collapse
+    chance_margin: float      # D accuracy within 0.5 +- this = D cannot tell reals from fakes
+
+
+@dataclass
+class EvaluateConfig:
+    n: int                    # generated and real samples compared
+    seed: int                 # noise seed (repeatable numbers)
+    checkpoint: str           # "" = the run's stage3 best.pt
+    fft_size: int             # STFT size for spectral flatness
 
 
 @dataclass
@@ -238,6 +248,7 @@ class Config:
     stage3: StageConfig
     audit: AuditConfig
     generate: GenerateConfig
+    evaluate: EvaluateConfig
     mlflow: MlflowConfig
     cluster: ClusterConfig
     extra: dict = field(default_factory=dict)  # free-form notes, never read by code
