@@ -101,6 +101,10 @@ class DiscriminatorConfig:
     layers: int
     spectral_norm: bool
     minibatch_features: int   # 0 = no minibatch discrimination
+    minibatch_kernel_dim: int  # size of each minibatch-discrimination kernel
+    kernel_size: int          # conv kernel over time (odd)
+    stride: int               # time stride of every conv after the first
+    leaky_slope: float        # LeakyReLU negative slope
 
 
 @dataclass
