@@ -52,6 +52,10 @@ class AugmentConfig:
     noise_snr_db: list        # [low, high] SNR of added noise
     mix_db: list              # [low, high] level of the quiet second song, relative dB
     types: list               # which of gain, pitch, stretch, noise, mix are used
+    silent_db: float          # a variant with RMS below this (dBFS) is dropped as silent
+    clip_peak: float          # a variant with |peak| above this is dropped as clipped
+    vocoder_n_fft: int        # phase-vocoder STFT size (time stretch and pitch shift)
+    vocoder_hop: int          # phase-vocoder hop
 
 
 @dataclass
