@@ -1,0 +1,84 @@
+"""Evaluation metrics on known inputs: real mel latents of synthesized songs vs white noise."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from data_prep.codec_mel import MelCodec
+from data_prep.corpus import song
+from jobs import evaluate as ev
+from tests.conftest import make_cfg
+
+SR = 12000      # a legal data rate for the mel codec (hop 160); keeps the test quick
+SECONDS = 4.0
+
+
+@pytest.fixture(scope="module")
+def codec(tmp_path_factory):
+    cfg = make_cfg(tmp_path_factory.mktemp("ev"))
+    return MelCodec(cfg.encode.mel, SR, torch.device("cpu"))
+
+
+def songs(indices, seed=7) -> torch.Tensor:
+    """[B, 1, S] mono demo-corpus songs (chords, bass, melody, drums)."""
+    return torch.stack([torch.from_numpy(song(seed, i, SECONDS, SR).mean(0, keepdims=True))
+                        for i in indices]).float()
+
+
+def test_identical_sets_have_zero_distance(codec):
+    lat = codec.encode(songs(range(3)))
+    frames = ev.frames_of(lat)
+    scale = np.trace(np.cov(frames, rowvar=False))
+    assert ev.frechet_distance(frames, frames) < 1e-6 * scale
+
+
+def test_noise_is_farther_from_music_than_held_out_music(codec):
+    music, held_out = songs(range(0, 4)), songs(range(4, 8))
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(music.shape, generator=gen) * music.pow(2).mean().sqrt()  # same level
+    f_music = ev.frames_of(codec.encode(music))
+    f_held = ev.frames_of(codec.encode(held_out))
+    f_noise = ev.frames_of(codec.encode(noise))
+    music_vs_held = ev.frechet_distance(f_music, f_held)
+    noise_vs_held = ev.frechet_distance(f_noise, f_held)
+    assert music_vs_held > 0
+    assert noise_vs_held > 3 * music_vs_held, (noise_vs_held, music_vs_held)
+
+
+def test_frechet_matches_closed_form_for_shifted_gaussians():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((20000, 4))
+    b = rng.standard_normal((20000, 4)) * 2 + 3   # cov 4I, mean +3
+    # |mu|^2 = 4*9, traces 4 + 16, cross 2*tr(2I) = 16 -> 36 + 4 = 40
+    assert ev.frechet_distance(a, b) == pytest.approx(40.0, rel=0.05)
+
+
+def test_frechet_rejects_mismatched_widths():
+    with pytest.raises(ValueError, match="D"):
+        ev.frechet_distance(np.zeros((5, 3)), np.zeros((5, 4)))
+
+
+def test_diversity_identical_is_zero_and_collapse_ratio_is_small(codec):
+    lat = codec.encode(songs(range(4)))
+    same = lat[:1].repeat(4, 1, 1)
+    assert ev.diversity(same) == 0.0
+    assert ev.diversity(lat) > 0
+    collapsed = same + 1e-3 * torch.randn_like(same)
+    assert ev.diversity_ratio(collapsed, lat) < 0.01
+    assert ev.diversity_ratio(lat, lat) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        ev.diversity(lat[:1])
+
+
+def test_spectral_flatness_and_rms():
+    t = torch.arange(SR * 2) / SR
+    sine = 0.5 * torch.sin(2 * torch.pi * 440 * t)
+    noise = torch.randn(SR * 2, generator=torch.Generator().manual_seed(1)) * 0.1
+    assert ev.spectral_flatness(sine, 1024) < 0.01
+    assert 0.4 < ev.spectral_flatness(noise, 1024) < 0.7   # white noise: exp(-gamma) ~ 0.56
+    assert ev.spectral_flatness(songs([0]), 1024) < ev.spectral_flatness(noise, 1024)
+    assert ev.rms(sine) == pytest.approx(0.5 / 2 ** 0.5, rel=1e-3)
+    assert ev.rms_db(sine) == pytest.approx(20 * np.log10(0.5 / 2 ** 0.5), abs=0.01)
+    with pytest.raises(ValueError, match="shorter"):
+        ev.spectral_flatness(sine[:100], 1024)
