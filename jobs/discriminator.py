@@ -1,0 +1,100 @@
+"""Stage 3's multi-scale discriminator over latent sequences [B, 128, T].
+
+One 1-D conv sub-discriminator per time scale (Aurl.ai's multi-scale D, MusiGAN's conv D):
+the sequence is average-pooled in time by the scale, run through `layers` convs (the first
+with stride 1, the rest with `stride`) with LeakyReLU, pooled over time, optionally joined
+by minibatch-discrimination features (Salimans et al. 2016), and mapped to one logit per
+sample. Spectral norm wraps every conv and linear layer when configured.
+
+Minibatch discrimination makes each sample's logit depend on the other samples of the
+batch: score real and fake batches in separate calls, and score with the training batch
+size (the audit does).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from pipeline.schema import Config, DiscriminatorConfig
+
+
+def _maybe_sn(layer: nn.Module, enabled: bool) -> nn.Module:
+    return spectral_norm(layer) if enabled else layer
+
+
+class MinibatchDiscrimination(nn.Module):
+    """Per sample, for each of `features` kernels: sum over the other samples of
+    exp(-L1 distance) between their kernel projections. [B, in] -> [B, features]."""
+
+    def __init__(self, in_features: int, features: int, kernel_dim: int, sn: bool):
+        super().__init__()
+        self.features, self.kernel_dim = features, kernel_dim
+        self.project = _maybe_sn(nn.Linear(in_features, features * kernel_dim, bias=False), sn)
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.project(x).view(-1, self.features, self.kernel_dim)
+        dist = (m.unsqueeze(0) - m.unsqueeze(1)).abs().sum(dim=-1)   # [B, B, features]
+        # The diagonal (a sample against itself) contributes exp(0) = 1; remove it.
+        return torch.exp(-dist).sum(dim=1) - 1.0
+
+
+class SubDiscriminator(nn.Module):
+    """Conv stack at one time scale -> (logit [B], features [conv outputs])."""
+
+    def __init__(self, cfg: DiscriminatorConfig, in_channels: int, scale: int):
+        super().__init__()
+        if cfg.kernel_size % 2 == 0 or cfg.kernel_size < 1:
+            raise ValueError(f"model.discriminator.kernel_size must be odd, got {cfg.kernel_size}")
+        self.scale = scale
+        self.slope = cfg.leaky_slope
+        sn = cfg.spectral_norm
+        convs = []
+        for i in range(cfg.layers):
+            convs.append(_maybe_sn(nn.Conv1d(
+                in_channels if i == 0 else cfg.channels, cfg.channels, cfg.kernel_size,
+                stride=1 if i == 0 else cfg.stride, padding=cfg.kernel_size // 2), sn))
+        self.convs = nn.ModuleList(convs)
+        self.minibatch = (MinibatchDiscrimination(cfg.channels, cfg.minibatch_features,
+                                                  cfg.minibatch_kernel_dim, sn)
+                          if cfg.minibatch_features > 0 else None)
+        self.head = _maybe_sn(nn.Linear(cfg.channels + max(cfg.minibatch_features, 0), 1), sn)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        if self.scale > 1:
+            x = F.avg_pool1d(x, self.scale, self.scale, ceil_mode=True)
+        feats = []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), self.slope)
+            feats.append(x)
+        pooled = x.mean(dim=-1)
+        if self.minibatch is not None:
+            pooled = torch.cat([pooled, self.minibatch(pooled)], dim=1)
+        return self.head(pooled).squeeze(-1), feats
+
+
+class MultiScaleDiscriminator(nn.Module):
+    """Sub-discriminators `subs.<i>` at `scales`; forward -> (logits per scale, features per scale)."""
+
+    def __init__(self, cfg: DiscriminatorConfig, in_channels: int):
+        super().__init__()
+        if not cfg.scales or any(int(s) < 1 for s in cfg.scales):
+            raise ValueError(f"model.discriminator.scales must be integers >= 1, got {cfg.scales}")
+        if cfg.layers < 1 or cfg.channels < 1:
+            raise ValueError("model.discriminator.layers and .channels must be >= 1")
+        self.subs = nn.ModuleList(SubDiscriminator(cfg, in_channels, int(s)) for s in cfg.scales)
+
+    def forward(self, x: Tensor) -> tuple[list[Tensor], list[list[Tensor]]]:
+        """x [B, 128, T] -> ([logit [B] per scale], [[feature maps] per scale])."""
+        logits, feats = [], []
+        for sub in self.subs:
+            logit, f = sub(x)
+            logits.append(logit)
+            feats.append(f)
+        return logits, feats
+
+
+def build_discriminator(cfg: Config) -> MultiScaleDiscriminator:
+    """The stage-3 discriminator from model.discriminator, over latent_dim channels."""
+    return MultiScaleDiscriminator(cfg.model.discriminator, cfg.model.transformer.latent_dim)

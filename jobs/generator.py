@@ -1,0 +1,138 @@
+"""The generator of all three stages: transformer core, optional VAE bottleneck, and the
+PowerMuse creative cascade.
+
+Parameter names are the same in every stage, so a stage loads the previous stage's weights
+by name and shape: `core.*` (jobs/transformer.py), `vae.*` (jobs/vae.py, stage 2 on),
+`agent.*` and `fuse.<k>.*` (creative mode only). The "gan" part adds nothing here.
+
+The creative modules are built when any stage of the config runs in creative mode, never
+per stage, so names do not change between stages of one run. In a config that mixes modes,
+a continuation stage leaves them idle: `Generator.idle_parameters(mode)` tells the trainer
+to wrap it in DDP with find_unused_parameters=True.
+
+Creative cascade (PowerMuse): the cascade shares the one core; cascade stage k first fuses
+its channel-concatenated view with `fuse.<k>` (a per-frame linear map back to 128 channels),
+then runs core (+ VAE). Stage 0 sees concat(m_in * input, m_tgt * target), stage k > 0
+concat(m_in * input, previous output, m_tgt * target). Sharing the core means every
+parameter of a continuation-trained core is used, and trained, by the cascade too.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from jobs.creative_agent import CreativeAgent
+from jobs.transformer import LatentTransformer
+from jobs.vae import HierarchicalVae
+from pipeline.schema import Config
+
+MODES = ("continuation", "creative")
+PARTS = ("transformer", "vae", "gan")
+# RMS restoration clamp of the PowerMuse cascade (from the spec, a constant of the method).
+RMS_SCALE_MIN = 0.7
+RMS_SCALE_MAX = 1.5
+# Guards a division by the RMS of an all-zero output; far below any real latent RMS.
+RMS_EPS = 1e-8
+
+
+def rms(x: Tensor) -> Tensor:
+    """Root mean square per sample over (channels, time): [B, C, T] -> [B, 1, 1]."""
+    return x.pow(2).mean(dim=(1, 2), keepdim=True).sqrt()
+
+
+def restore_rms(output: Tensor, reference: Tensor) -> Tensor:
+    """Scale each sample of `output` toward `reference`'s RMS, the factor clamped to [0.7, 1.5]."""
+    scale = (rms(reference) / (rms(output) + RMS_EPS)).clamp(RMS_SCALE_MIN, RMS_SCALE_MAX)
+    return output * scale
+
+
+class Generator(nn.Module):
+    """Latents [B, 128, T] (+ target chunk in creative mode) -> latents [B, 128, T]."""
+
+    def __init__(self, cfg: Config, parts: list[str], creative: bool):
+        super().__init__()
+        unknown = set(parts) - set(PARTS)
+        if unknown or "transformer" not in parts:
+            raise ValueError(f"enabled_parts must include 'transformer' and only {PARTS}, "
+                             f"got {parts}")
+        tr = cfg.model.transformer
+        if tr.cascade_stages < 1:
+            raise ValueError(f"model.transformer.cascade_stages must be >= 1, got "
+                             f"{tr.cascade_stages}")
+        self.parts = list(parts)
+        self.cascade_stages = tr.cascade_stages
+        self.core = LatentTransformer(tr)
+        self.vae = HierarchicalVae(cfg.model.vae, tr.d_model) if "vae" in parts else None
+        self.agent = CreativeAgent(tr) if creative else None
+        self.fuse = nn.ModuleList(
+            nn.Linear((2 if k == 0 else 3) * tr.latent_dim, tr.latent_dim)
+            for k in range(tr.cascade_stages)) if creative else None
+
+    def idle_parameters(self, mode: str) -> bool:
+        """True when some parameters get no gradient in `mode` (DDP needs to know)."""
+        return mode == "continuation" and self.agent is not None
+
+    def network(self, x: Tensor) -> dict[str, Tensor]:
+        """One pass through core (+ VAE bottleneck): {"output"} (+ {"kl"})."""
+        h = self.core.encode(x)
+        out: dict[str, Tensor] = {}
+        if self.vae is not None:
+            bottleneck = self.vae(h)
+            h, out["kl"] = bottleneck["hidden"], bottleneck["kl"]
+        out["output"] = self.core.decode(h)
+        return out
+
+    def forward(self, inputs: Tensor, targets: Tensor | None, mode: str,
+                anti_cheat_noise: float = 0.0) -> dict[str, Tensor]:
+        """Run one mode; returns "output" [B, 128, T], creative "mask_in"/"mask_tgt", VAE "kl".
+
+        continuation: output predicts the target chunk from `inputs` alone (targets unused).
+        creative: the cascade; `anti_cheat_noise` (StageConfig.anti_cheat_noise, std relative
+        to each sample's target std) is added to the target view of cascade stages k > 0
+        while training, so later stages cannot simply copy the target.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "continuation":
+            return self.network(inputs)
+        if self.agent is None:
+            raise ValueError("creative mode needs the creative modules, which are built only "
+                             "when a stage of the config has mode: creative")
+        if targets is None or targets.shape != inputs.shape:
+            raise ValueError("creative mode needs targets of the inputs' shape "
+                             f"{tuple(inputs.shape)}, got "
+                             f"{None if targets is None else tuple(targets.shape)}")
+        m_in, m_tgt = self.agent(inputs, targets)
+        seen_in, seen_tgt = m_in * inputs, m_tgt * targets
+        previous: Tensor | None = None
+        kls = []
+        for k, fuse in enumerate(self.fuse):
+            if previous is None:
+                view = torch.cat([seen_in, seen_tgt], dim=1)
+            else:
+                tgt_view = seen_tgt
+                if self.training and anti_cheat_noise > 0:
+                    std = targets.std(dim=(1, 2), keepdim=True)
+                    tgt_view = seen_tgt + anti_cheat_noise * std * torch.randn_like(seen_tgt)
+                view = torch.cat([seen_in, previous, tgt_view], dim=1)
+            fused = fuse(view.transpose(1, 2)).transpose(1, 2)
+            step = self.network(fused)
+            previous = restore_rms(step["output"], inputs)
+            if "kl" in step:
+                kls.append(step["kl"])
+        out = {"output": previous, "mask_in": m_in, "mask_tgt": m_tgt}
+        if kls:
+            out["kl"] = torch.stack(kls).mean(dim=0)
+        return out
+
+    @torch.no_grad()
+    def generate(self, noise: Tensor) -> Tensor:
+        """Noise [B, 128, T] -> latents [B, 128, T]: continuation mode after the pure-GAN
+        curriculum. Call model.eval() first for deterministic VAE means and no dropout."""
+        return self.network(noise)["output"]
+
+
+def build_generator(cfg: Config, parts: list[str]) -> Generator:
+    """The generator for a stage's enabled_parts; creative modules if any stage is creative."""
+    creative = any(getattr(cfg, s).mode == "creative" for s in ("stage1", "stage2", "stage3"))
+    return Generator(cfg, list(parts), creative)
