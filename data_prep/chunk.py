@@ -1,0 +1,407 @@
+"""Step 1, chunk: a folder of music files -> one [chunks, channels, samples] array per song.
+
+Shard i of n takes every n-th file of the sorted relative paths, so a SLURM job array
+splits the work and no two shards write the same file. Each file is decoded in blocks and
+its chunks are streamed straight into the array file (the .npy header is rewritten with the
+final count at the end), so memory stays flat with song length. Every source file gets a
+manifest line (ok, skipped or failed with the reason); one bad file never stops the run.
+A re-run reuses files whose sha256 and chunk settings are unchanged and whose array exists.
+
+MLflow: every shard logs to its own child run `chunk/shard-<i>-of-<n>` (shards of a job
+array run at once, so they cannot share one run); `summarize` gives the totals.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+import unicodedata
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from data_prep.corpus import ensure_corpus
+from data_prep.decode import AUDIO_EXTS, AudioError, iter_blocks, probe
+from pipeline.atomic import atomic_path, atomic_write_json, atomic_write_text
+from pipeline.config import from_dict, write_resolved
+from pipeline.schema import Config
+from pipeline.tracking import step_run
+
+# The data settings that change what is written; others (workers, shards) do not.
+CHUNK_KEYS = ("sample_rate", "channels", "chunk_seconds", "tail", "min_seconds", "silence_db",
+              "max_chunks_per_song", "dtype")
+MANIFEST_RE = re.compile(r"manifest-(\d+)-of-(\d+)\.jsonl$")
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """What the workers need from the config (picklable, small)."""
+    sample_rate: int
+    channels: int
+    chunk_samples: int
+    tail: str
+    min_seconds: float
+    silence_db: Optional[float]
+    max_chunks: int
+    dtype: str
+    block_seconds: float
+    config_hash: str
+
+    @classmethod
+    def from_cfg(cls, cfg: Config) -> "ChunkSpec":
+        d = cfg.data
+        return cls(d.sample_rate, d.channels, int(round(d.chunk_seconds * d.sample_rate)),
+                   d.tail, d.min_seconds, d.silence_db, d.max_chunks_per_song, d.dtype,
+                   d.block_seconds, chunk_config_hash(cfg))
+
+
+def chunk_config_hash(cfg: Config) -> str:
+    """sha256 of the settings that decide the chunk arrays' content."""
+    payload = json.dumps({k: getattr(cfg.data, k) for k in CHUNK_KEYS}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+# --- which files --------------------------------------------------------------------
+
+def list_sources(source: Path) -> list[Path]:
+    """Audio files under `source` (any depth, case-insensitive extension), sorted by relative path."""
+    source = Path(source)
+    if not source.is_dir():
+        raise FileNotFoundError(f"music folder does not exist: {source}")
+    files = [p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTS]
+    return sorted(files, key=lambda p: p.relative_to(source).as_posix())
+
+
+def shard_files(files: list[Path], shard: int, num_shards: int) -> list[Path]:
+    """Shard `shard` of `num_shards`: every n-th file of the sorted list, disjoint by construction."""
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} is not in 0..{num_shards - 1} (num_shards={num_shards})")
+    return files[shard::num_shards]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def song_id(sha256: str, relpath: str) -> str:
+    """Stable, filesystem-safe id from the content hash and the path inside the source folder."""
+    key = hashlib.sha256(f"{sha256}:{relpath}".encode()).hexdigest()[:16]
+    ascii_stem = unicodedata.normalize("NFKD", Path(relpath).stem).encode("ascii", "ignore")
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", ascii_stem.decode()).strip("_")[:40]
+    return f"{key}-{stem}" if stem else key
+
+
+# --- cutting and writing --------------------------------------------------------------
+
+def cut_chunks(blocks: Iterable[np.ndarray], samples: int, tail: str,
+               counter: dict) -> Iterator[np.ndarray]:
+    """Fixed-length [channels, samples] chunks from a stream of blocks; the tail is dropped or
+    zero-padded. The yielded buffer is reused: use it before asking for the next one."""
+    buf: Optional[np.ndarray] = None
+    fill = 0
+    counter["samples"] = 0
+    for block in blocks:
+        if buf is None:
+            buf = np.zeros((block.shape[0], samples), np.float32)
+        counter["samples"] += block.shape[1]
+        pos = 0
+        while pos < block.shape[1]:
+            take = min(samples - fill, block.shape[1] - pos)
+            buf[:, fill:fill + take] = block[:, pos:pos + take]
+            fill, pos = fill + take, pos + take
+            if fill == samples:
+                yield buf
+                fill = 0
+    if buf is not None and fill and tail == "pad":
+        buf[:, fill:] = 0.0
+        yield buf
+
+
+def rms_db(chunk: np.ndarray) -> float:
+    return float(20 * np.log10(max(np.sqrt(np.mean(np.square(chunk, dtype=np.float64))), 1e-10)))
+
+
+def to_dtype(chunk: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "int16":
+        return np.round(np.clip(chunk, -1.0, 1.0) * 32767).astype("<i2")
+    return chunk.astype("<f4", copy=False)
+
+
+def _npy_header(fh, count: int, channels: int, samples: int, dtype: str) -> int:
+    """Write a .npy v1 header at the current position; returns its length. numpy pads the
+    first axis so the header length does not change with `count`."""
+    start = fh.tell()
+    np.lib.format.write_array_header_1_0(fh, {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype).newbyteorder("<")),
+        "fortran_order": False, "shape": (count, channels, samples)})
+    return fh.tell() - start
+
+
+class NoChunks(Exception):
+    """Nothing to write for this file; the message is the skip reason."""
+
+
+def write_song(blocks: Iterable[np.ndarray], spec: ChunkSpec, out: Path) -> tuple[int, int]:
+    """Stream kept chunks into `out` atomically; returns (chunks written, samples decoded)."""
+    counter: dict = {}
+    kept = silent = 0
+    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+        header_len = _npy_header(fh, 0, spec.channels, spec.chunk_samples, spec.dtype)
+        for chunk in cut_chunks(blocks, spec.chunk_samples, spec.tail, counter):
+            if spec.silence_db is not None and rms_db(chunk) < spec.silence_db:
+                silent += 1
+                continue
+            fh.write(to_dtype(chunk, spec.dtype).tobytes())
+            kept += 1
+            if spec.max_chunks and kept >= spec.max_chunks:
+                break
+        if not kept:
+            seconds = counter.get("samples", 0) / spec.sample_rate
+            if silent:
+                raise NoChunks(f"silent: all {silent} chunks below {spec.silence_db} dBFS")
+            raise NoChunks(f"too short: {seconds:.2f} s decoded, shorter than one "
+                           f"{spec.chunk_samples / spec.sample_rate:g} s chunk (tail=drop)")
+        fh.seek(0)
+        if _npy_header(fh, kept, spec.channels, spec.chunk_samples, spec.dtype) != header_len:
+            raise RuntimeError("npy header length changed")  # numpy's padding guarantees it does not
+        fh.flush()
+    return kept, counter["samples"]
+
+
+# --- one file -------------------------------------------------------------------------
+
+def reusable(prev: Optional[dict], sha: str, spec: ChunkSpec, songs_dir: Path) -> bool:
+    """An earlier record still holds: same bytes, same settings, and its array (if any) exists."""
+    if not prev or prev.get("sha256") != sha or prev.get("config_hash") != spec.config_hash:
+        return False
+    if prev.get("status") == "ok":
+        return (songs_dir.parent / prev["array"]).is_file()
+    return prev.get("status") == "skipped"  # failures are retried
+
+
+def process_file(job: tuple) -> tuple[dict, bool]:
+    """Chunk one source file; returns (manifest record, reused). Never raises for bad audio."""
+    path, relpath, spec, songs_dir, prev = job
+    rec = {"source": str(path), "song_id": "", "sha256": "", "duration_s": 0.0,
+           "sample_rate": 0, "channels": 0, "chunks": 0, "array": "", "status": "failed",
+           "reason": "", "config_hash": spec.config_hash}
+    try:
+        rec["sha256"] = sha = file_sha256(path)
+    except OSError as exc:
+        rec["reason"] = f"unreadable: {exc}"
+        return rec, False
+    if reusable(prev, sha, spec, songs_dir):
+        return prev, True
+    rec["song_id"] = sid = song_id(sha, relpath)
+    out = songs_dir / f"{sid}.npy"
+    for stale in songs_dir.glob(f".{sid}.npy.tmp-*"):
+        stale.unlink(missing_ok=True)  # left by a killed run; only this shard owns this id
+    try:
+        info = probe(path)
+        rec.update(duration_s=round(info.duration_s, 3), sample_rate=info.sample_rate,
+                   channels=info.channels)
+        if info.duration_s < spec.min_seconds:
+            raise NoChunks(f"too short: {info.duration_s:.2f} s < min_seconds {spec.min_seconds:g}")
+        blocks = iter_blocks(path, spec.sample_rate, spec.channels, spec.block_seconds, info)
+        rec["chunks"], decoded = write_song(blocks, spec, out)
+        if not spec.max_chunks or rec["chunks"] < spec.max_chunks:
+            rec["duration_s"] = round(decoded / spec.sample_rate, 3)
+        rec.update(array=f"songs/{out.name}", status="ok")
+    except NoChunks as exc:
+        rec.update(status="skipped", reason=str(exc))
+    except AudioError as exc:
+        rec.update(status=exc.status, reason=str(exc))
+    except Exception as exc:  # one broken file must not stop the shard; it is recorded
+        rec.update(status="failed", reason=f"error: {type(exc).__name__}: {exc}")
+    if rec["status"] != "ok":
+        out.unlink(missing_ok=True)  # an array from older settings must not look current
+    return rec, False
+
+
+# --- manifests and summaries -------------------------------------------------------------
+
+def chunk_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "chunk"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Records of a manifest or journal; a half-written last line (killed run) is ignored."""
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def previous_records(run_dir: Path) -> dict[str, dict]:
+    """Every earlier record by source path, from finished manifests and killed runs' journals."""
+    folder = chunk_dir(run_dir)
+    found: dict[str, dict] = {}
+    paths = list(folder.glob("manifest-*.jsonl")) + list(folder.glob("manifest-*.jsonl.partial"))
+    for path in sorted(paths, key=lambda p: p.stat().st_mtime):
+        for rec in _read_jsonl(path):
+            found[rec.get("source", "")] = rec
+    return found
+
+
+def collect_manifest(run_dir: Path) -> list[dict]:
+    """All records of the latest sharding (the newest manifest's n), sorted by source."""
+    folder = chunk_dir(run_dir)
+    manifests = [p for p in folder.glob("manifest-*-of-*.jsonl") if MANIFEST_RE.search(p.name)]
+    if not manifests:
+        return []
+    newest = max(manifests, key=lambda p: p.stat().st_mtime)
+    n = MANIFEST_RE.search(newest.name).group(2)
+    records: dict[str, dict] = {}
+    for path in sorted(p for p in manifests if MANIFEST_RE.search(p.name).group(2) == n):
+        for rec in _read_jsonl(path):
+            records[rec["source"]] = rec
+    return [records[k] for k in sorted(records)]
+
+
+def reason_kind(reason: str) -> str:
+    """The fixed part of a reason ("too short", "not audio", ...) for counting."""
+    return reason.split(":", 1)[0].split("(", 1)[0].strip() or "unknown"
+
+
+def count_records(records: list[dict]) -> dict:
+    """Files ok/skipped/failed, reasons, hours of audio and chunks of a list of records."""
+    out = {"files": len(records), "ok": 0, "skipped": 0, "failed": 0, "chunks": 0,
+           "audio_hours": 0.0, "reasons": {}, "problems": []}
+    for rec in records:
+        out[rec["status"]] += 1
+        if rec["status"] == "ok":
+            out["chunks"] += rec["chunks"]
+            out["audio_hours"] += rec["duration_s"] / 3600
+        else:
+            kind = f"{rec['status']}: {reason_kind(rec['reason'])}"
+            out["reasons"][kind] = out["reasons"].get(kind, 0) + 1
+            out["problems"].append({k: rec[k] for k in ("source", "status", "reason")})
+    out["audio_hours"] = round(out["audio_hours"], 6)
+    return out
+
+
+def summarize(run_dir: Path) -> dict:
+    """Totals over all shards of the latest chunk run (see collect_manifest)."""
+    records = collect_manifest(run_dir)
+    shards = sorted(p.name for p in chunk_dir(run_dir).glob("summary-*-of-*.json"))
+    return {**count_records(records), "shard_summaries": shards}
+
+
+def format_summary(summary: dict) -> str:
+    """A few human lines: counts, hours, chunks, and each problem file with its reason."""
+    lines = [f"files: {summary['files']}  ok: {summary['ok']}  skipped: {summary['skipped']}  "
+             f"failed: {summary['failed']}  audio: {summary['audio_hours']:.3f} h  "
+             f"chunks: {summary['chunks']}"]
+    lines += [f"  {p['status']}: {p['source']}: {p['reason']}" for p in summary["problems"]]
+    return "\n".join(lines)
+
+
+# --- the step ----------------------------------------------------------------------------
+
+def _run_jobs(jobs: list[tuple], workers: int, journal: Path, desc: str) -> tuple[list, int]:
+    """Process files (in a pool when workers > 1), journaling each record as it lands."""
+    records, reused, hours = [], 0, 0.0
+    bar = tqdm(total=len(jobs), unit="file", desc=desc, file=sys.stderr, dynamic_ncols=True)
+    pool = None
+    if workers > 1 and len(jobs) > 1:
+        pool = multiprocessing.get_context("fork").Pool(min(workers, len(jobs)))
+        results = pool.imap_unordered(process_file, jobs)
+    else:
+        results = map(process_file, jobs)
+    try:
+        with open(journal, "a", encoding="utf-8") as fh:
+            for rec, was_reused in results:
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                fh.flush()
+                records.append(rec)
+                reused += was_reused
+                hours += rec["duration_s"] / 3600 if rec["status"] == "ok" else 0.0
+                bar.set_postfix_str(f"{hours:.3f} h audio", refresh=False)
+                bar.update(1)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return records, reused
+
+
+def run_shard(cfg: Config, run_dir: Path, shard: int = 0, num_shards: int = 1,
+              source: Path | None = None) -> dict:
+    """Chunk shard `shard` of `num_shards` of the source folder into run_dir/chunk."""
+    run_dir = Path(run_dir)
+    source = Path(source) if source else ensure_corpus(cfg, run_dir)
+    files = shard_files(list_sources(source), shard, num_shards)
+    out_dir = chunk_dir(run_dir)
+    songs_dir = out_dir / "songs"
+    songs_dir.mkdir(parents=True, exist_ok=True)
+    write_resolved(cfg, out_dir)
+    spec = ChunkSpec.from_cfg(cfg)
+    previous = previous_records(run_dir)
+    jobs = [(p.resolve(), p.relative_to(source).as_posix(), spec, songs_dir,
+             previous.get(str(p.resolve()))) for p in files]
+    tag = f"{shard}-of-{num_shards}"
+    manifest = out_dir / f"manifest-{tag}.jsonl"
+    journal = out_dir / f"manifest-{tag}.jsonl.partial"
+    with step_run(cfg, run_dir, f"chunk/shard-{tag}") as tracker:
+        tracker.log_params({"data": {k: getattr(cfg.data, k) for k in CHUNK_KEYS},
+                            "shard": shard, "num_shards": num_shards, "source": str(source),
+                            "files": len(files), "workers": cfg.data.workers})
+        start = time.perf_counter()
+        records, reused = _run_jobs(jobs, cfg.data.workers, journal, f"chunk {tag}")
+        elapsed = time.perf_counter() - start
+        records.sort(key=lambda r: r["source"])
+        atomic_write_text(manifest, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                            for r in records))
+        journal.unlink(missing_ok=True)
+        summary = {**count_records(records), "shard": shard, "num_shards": num_shards,
+                   "source": str(source), "config_hash": spec.config_hash, "reused": reused,
+                   "seconds": round(elapsed, 3)}
+        summary_path = out_dir / f"summary-{tag}.json"
+        atomic_write_json(summary_path, summary)
+        tracker.log_metrics({k: summary[k] for k in ("files", "ok", "skipped", "failed",
+                                                     "chunks", "audio_hours", "reused", "seconds")})
+        tracker.log_artifact(summary_path)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Chunk one shard of a music folder.")
+    parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--shard", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)),
+                        help="shard index (default: $SLURM_ARRAY_TASK_ID or 0)")
+    parser.add_argument("--num-shards", type=int, default=None,
+                        help="number of shards (default: data.num_shards of the config)")
+    parser.add_argument("--source", type=Path, default=None,
+                        help="music folder (default: data.source, or the demo corpus)")
+    args = parser.parse_args(argv)
+    resolved = args.run_dir / "config.resolved.yaml"
+    if not resolved.is_file():
+        print(f"error: no resolved config at {resolved}", file=sys.stderr)
+        return 2
+    cfg = from_dict(yaml.safe_load(resolved.read_text()))
+    num_shards = args.num_shards or cfg.data.num_shards
+    summary = run_shard(cfg, args.run_dir, args.shard, num_shards, args.source)
+    print(f"chunk shard {args.shard}/{num_shards} -> {chunk_dir(args.run_dir)}")
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
