@@ -1,0 +1,107 @@
+"""Pairs step: song-level split, gap/stride, shuffled targets, empty-split refusal, CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chunk_outputs import write_chunks
+from conftest import make_cfg
+from data_prep import pairs
+from pipeline.config import write_resolved
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _songs(n: int, chunks: int = 5) -> dict[str, int]:
+    return {f"song{i:02d}": chunks for i in range(n)}
+
+
+def test_split_is_by_song_and_pairs_are_consecutive(tiny_cfg, run_dir):
+    write_chunks(run_dir, _songs(10), 24000, 0.1, shards=2,
+                 extra_lines=[{"song_id": "bad", "status": "failed", "chunks": 0}])
+    summary = pairs.run(tiny_cfg, run_dir)
+    train, val = _read(run_dir / "pairs/train.jsonl"), _read(run_dir / "pairs/val.jsonl")
+    train_songs, val_songs = {p["song"] for p in train}, {p["song"] for p in val}
+    assert train_songs and val_songs and not train_songs & val_songs
+    assert len(train_songs) + len(val_songs) == 10 and "bad" not in train_songs | val_songs
+    assert summary["songs"] == {"train": len(train_songs), "val": len(val_songs)}
+    assert summary["pairs"] == {"train": len(train), "val": len(val)} == \
+        {"train": 4 * len(train_songs), "val": 4 * len(val_songs)}
+    assert all(p["target_song"] == p["song"] and p["target"] == p["input"] + 1 for p in train + val)
+    on_disk = json.loads((run_dir / "pairs/summary.json").read_text())
+    assert on_disk["pairs"] == summary["pairs"] and on_disk["seed"] == tiny_cfg.run.seed
+    assert (run_dir / "pairs/config.resolved.yaml").exists()
+
+
+def test_split_is_seeded(tmp_path):
+    songs = [f"s{i}" for i in range(20)]
+    a = pairs.split_songs(songs, 0.25, 7)
+    assert a == pairs.split_songs(songs, 0.25, 7)
+    assert a != pairs.split_songs(songs, 0.25, 8)
+    assert len(a[1]) == 5 and not set(a[0]) & set(a[1])
+    # few songs: each side still gets one
+    train, val = pairs.split_songs(["a", "b"], 0.2, 1)
+    assert len(train) == 1 and len(val) == 1
+
+
+def test_gap_and_stride():
+    assert pairs.song_pairs(6, 0, 1) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    assert pairs.song_pairs(6, 1, 2) == [(0, 2), (2, 4)]
+    assert pairs.song_pairs(2, 1, 1) == []
+
+
+def test_shuffle_targets_come_from_another_song_of_the_same_split(tmp_path):
+    cfg = make_cfg(tmp_path, "pairs.shuffle_targets=true", "pairs.val_fraction=0.3")
+    run_dir = Path(cfg.run.root) / cfg.run.name
+    write_chunks(run_dir, _songs(8, chunks=4), 24000, 0.1)
+    summary = pairs.run(cfg, run_dir)
+    assert summary["mode"] == "shuffle_targets"
+    for split in ("train", "val"):
+        recs = _read(run_dir / f"pairs/{split}.jsonl")
+        songs = set(summary["song_ids"][split])
+        assert recs and all(r["target_song"] != r["song"] for r in recs)
+        assert all(r["target_song"] in songs and 0 <= r["target"] < 4 for r in recs)
+        assert len({r["target_song"] for r in recs}) > 1  # really drawn, not one fixed song
+
+
+def test_empty_split_is_refused_with_a_clear_message(tmp_path):
+    cfg = make_cfg(tmp_path, "pairs.val_fraction=0.0")
+    run_dir = Path(cfg.run.root) / cfg.run.name
+    write_chunks(run_dir, _songs(3), 24000, 0.1)
+    with pytest.raises(pairs.PairsError) as err:
+        pairs.run(cfg, run_dir)
+    msg = str(err.value)
+    assert "val split is empty" in msg and "3 songs" in msg and "pairs.val_fraction" in msg
+    assert not (run_dir / "pairs/train.jsonl").exists()
+
+
+def test_one_song_cannot_fill_both_splits(tmp_path):
+    cfg = make_cfg(tmp_path)
+    run_dir = Path(cfg.run.root) / cfg.run.name
+    write_chunks(run_dir, {"only": 6, "short": 1}, 24000, 0.1)
+    with pytest.raises(pairs.PairsError, match=r"val split is empty \(0 songs, 0 pairs; 1 songs"):
+        pairs.run(cfg, run_dir)
+
+
+def test_no_chunk_manifest_is_a_clear_error(tiny_cfg, run_dir):
+    with pytest.raises(pairs.PairsError, match="run the chunk step first"):
+        pairs.run(tiny_cfg, run_dir)
+
+
+def test_cli_reads_the_run_config(tiny_cfg, run_dir):
+    write_chunks(run_dir, _songs(5), 24000, 0.1)
+    write_resolved(tiny_cfg, run_dir)
+    proc = subprocess.run([sys.executable, "-m", "data_prep.pairs", "--run-dir", str(run_dir)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["songs"]["train"] + out["songs"]["val"] == 5
+    assert (run_dir / "pairs/val.jsonl").exists()
