@@ -268,7 +268,9 @@ def run(cfg: Config, run_dir: Path, gen_epoch: Optional[int] = None) -> dict:
     write_csv(out / "audit.csv", rows)
     write_plot(out / "audit.png", rows, gen_epoch)
     atomic_write_text(out / "reading.txt", text)
-    with step_run(cfg, run_dir, "audit") as tracker:
+    # one MLflow child run per audited generator epoch: re-auditing another epoch must not
+    # overwrite (MLflow forbids changing) the params of an earlier audit
+    with step_run(cfg, run_dir, f"audit/gen_epoch_{gen_epoch}") as tracker:
         tracker.log_params({"gen_epoch": gen_epoch, "batch": info["batch"],
                             "alpha": info["alpha"], "d_epochs": [r["d_epoch"] for r in rows]})
         for row in rows:

@@ -105,3 +105,95 @@ def rms(wave: np.ndarray | torch.Tensor) -> float:
 def rms_db(wave: np.ndarray | torch.Tensor) -> float:
     """RMS in dB relative to full scale."""
     return 20 * float(np.log10(rms(wave) + TINY))
+
+
+# --- the step ---------------------------------------------------------------------------
+
+def real_latents(run_dir: Path, split: str, n: int, seed: int) -> torch.Tensor:
+    """Up to n distinct seeded picks of target chunks of a split: [n, 128, T] float32."""
+    from data_prep.latent_store import LatentStore
+    from jobs.pair_data import read_pairs
+
+    pairs = read_pairs(Path(run_dir) / "pairs" / f"{split}.jsonl")
+    if len(pairs) < 2:
+        raise ValueError(f"{run_dir}/pairs/{split}.jsonl has {len(pairs)} pairs; need at least 2")
+    store = LatentStore(Path(run_dir) / "encode")
+    picks = np.random.default_rng(seed).permutation(len(pairs))[:n]
+    return torch.stack([torch.from_numpy(np.asarray(
+        store.get(pairs[i]["target_song"], pairs[i]["target"]), np.float32)) for i in picks])
+
+
+def compare(generated: torch.Tensor, real: torch.Tensor, reference: torch.Tensor,
+            gen_audio: torch.Tensor, real_audio: torch.Tensor, fft_size: int) -> dict:
+    """All evaluation numbers for generated latents/audio against real held-out ones.
+
+    `reference` is a second real set (training chunks): its distance to the held-out set is
+    the scale a good generator's Fréchet distance should approach."""
+    fd = frechet_distance(frames_of(generated), frames_of(real))
+    fd_ref = frechet_distance(frames_of(reference), frames_of(real))
+    return {
+        "frechet_generated_vs_real": fd,
+        "frechet_train_vs_real": fd_ref,
+        "frechet_ratio": fd / fd_ref if fd_ref > 0 else float("inf"),
+        "diversity_generated": diversity(generated),
+        "diversity_real": diversity(real),
+        "diversity_ratio": diversity_ratio(generated, real),
+        "flatness_generated": spectral_flatness(gen_audio, fft_size),
+        "flatness_real": spectral_flatness(real_audio, fft_size),
+        "rms_db_generated": rms_db(gen_audio),
+        "rms_db_real": rms_db(real_audio),
+    }
+
+
+def run(cfg: Config, run_dir: Path) -> dict:
+    """Evaluate the configured checkpoint against held-out real data; write metrics.json."""
+    from jobs.generate import (default_checkpoint, load_generator, make_noise, read_manifest,
+                               reference_stds, run_codec, synthesize)
+    from pipeline.atomic import atomic_write_json
+    from pipeline.tracking import step_run
+
+    run_dir = Path(run_dir)
+    ev = cfg.evaluate
+    path = default_checkpoint(cfg, run_dir, ev.checkpoint)
+    manifest = read_manifest(run_dir)
+    generator, state = load_generator(path, manifest)
+    real = real_latents(run_dir, "val", ev.n, ev.seed)
+    reference = real_latents(run_dir, "train", ev.n, ev.seed)
+    noise = make_noise(reference_stds(run_dir, ev.n, ev.seed), manifest["latent_dim"],
+                       manifest["frames"], cfg.generate.temperature, ev.seed)
+    generated = synthesize(generator, noise)
+    codec = run_codec(cfg, manifest)
+    metrics = compare(generated, real, reference, codec.decode(generated), codec.decode(real),
+                      ev.fft_size)
+    result = {"checkpoint": str(path), "epoch": state.get("epoch"), "codec": manifest["codec"],
+              "pretrained": manifest.get("pretrained"), "n_generated": len(generated),
+              "n_real": len(real), "seed": ev.seed, "metrics": metrics}
+    out = run_dir / "evaluate" / "metrics.json"
+    atomic_write_json(out, result)
+    with step_run(cfg, run_dir, "evaluate") as tracker:
+        tracker.log_params({"checkpoint": str(path), "epoch": state.get("epoch"),
+                            "n_generated": len(generated), "n_real": len(real), "seed": ev.seed})
+        tracker.log_metrics(metrics)
+        tracker.log_artifact(out, "evaluate")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.generate import MismatchError, load_run
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default=None, help="run folder, e.g. runs/demo")
+    args = parser.parse_args(argv)
+    cfg, run_dir = load_run(args.run)
+    try:
+        result = run(cfg, run_dir)
+    except (MismatchError, FileNotFoundError, ValueError) as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result["metrics"], indent=2))
+    print(f"wrote {run_dir / 'evaluate' / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

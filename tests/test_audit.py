@@ -1,0 +1,144 @@
+"""Discriminator-over-epochs audit on a tiny real run (mel latents, real G and D checkpoints)."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import mlflow
+import pytest
+import torch
+
+from jobs import audit
+from pipeline.tracking import tracking_uri
+from tests.conftest import make_cfg
+from tests.tiny_gan_run import TINY, build_run, save_stage3
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return build_run(tmp_path_factory.mktemp("audit"))
+
+
+@pytest.fixture
+def fresh(tiny_run):
+    """The tiny run with no stage3 or audit outputs left by an earlier test."""
+    cfg, run_dir = tiny_run
+    for name in ("stage3", "audit"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    return cfg, run_dir
+
+
+def read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_audit_table_plot_reading_and_mlflow(fresh):
+    cfg, run_dir = fresh
+    save_stage3(cfg, run_dir, [1, 2, 3])
+    result = audit.run(cfg, run_dir)
+    out = run_dir / "audit"
+    rows = read_csv(out / "audit.csv")
+    assert [int(r["d_epoch"]) for r in rows] == [1, 2, 3]
+    assert result["gen_epoch"] == 3 and result["batch"] == cfg.audit.batch_size
+    for row in rows:
+        assert 0 <= float(row["fake_prob"]) <= 1 and 0 <= float(row["real_prob"]) <= 1
+        assert float(row["accuracy"]) in {i / 8 for i in range(9)}   # 4 reals + 4 fakes
+        assert float(row["fake_bce_vs_real"]) > 0 and float(row["real_bce_vs_real"]) > 0
+    assert (out / "audit.png").read_bytes()[:8] == PNG_MAGIC
+    reading = (out / "reading.txt").read_text()
+    assert "verdict: " + result["verdict"] in reading and "ln 2" in reading
+
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    run_id = json.loads((out / "gen_epoch_3" / "mlflow_run.json").read_text())["run_id"]
+    names = {a.path for a in client.list_artifacts(run_id, "audit")}
+    assert names == {"audit/audit.csv", "audit/audit.png", "audit/reading.txt"}
+    history = client.get_metric_history(run_id, "audit_fake_bce_vs_real")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    by_step = {m.step: m.value for m in history}
+    assert by_step[2] == pytest.approx(float(rows[1]["fake_bce_vs_real"]), abs=1e-5)
+    assert client.get_run(run_id).data.tags["audit.verdict"] == result["verdict"]
+
+
+def test_fixed_batches_are_seeded_and_follow_the_generator_epoch(fresh):
+    cfg, run_dir = fresh
+    save_stage3(cfg, run_dir, [1, 2, 3])
+    from jobs.generate import load_generator, read_manifest
+    manifest = read_manifest(run_dir)
+    g2, _ = load_generator(run_dir / "stage3" / "epoch_2.pt", manifest)
+    g3, _ = load_generator(run_dir / "stage3" / "epoch_3.pt", manifest)
+    fakes, reals, info = audit.fixed_batches(cfg, run_dir, g2, 2, cfg.audit.batch_size)
+    fakes_again, reals_again, _ = audit.fixed_batches(cfg, run_dir, g2, 2, cfg.audit.batch_size)
+    fakes_3, reals_3, info_3 = audit.fixed_batches(cfg, run_dir, g3, 3, cfg.audit.batch_size)
+    assert fakes.shape == reals.shape == (cfg.audit.batch_size, 128, 75)
+    assert torch.equal(fakes, fakes_again) and torch.equal(reals, reals_again)
+    assert torch.equal(reals, reals_3) and not torch.equal(fakes, fakes_3)
+    # demo curriculum: start epoch 3, rate 0.25 -> no noise at epoch 2, a quarter at epoch 3
+    assert (info["alpha"], info_3["alpha"]) == (0.0, 0.25)
+
+
+def test_missing_and_mismatched_checkpoints_are_named_and_skipped(fresh, tmp_path):
+    cfg, run_dir = fresh
+    save_stage3(cfg, run_dir, [1, 2, 3, 4, 5, 6])
+    (run_dir / "stage3" / "epoch_2.pt").unlink()
+    save_stage3(cfg, run_dir, [4], with_discriminator=False)
+    (run_dir / "stage3" / "epoch_3.pt").write_bytes(b"truncated")
+    wide = make_cfg(tmp_path, *TINY, "model.discriminator.channels=12")
+    save_stage3(wide, run_dir, [5])
+    result = audit.run(cfg, run_dir, gen_epoch=6)
+    assert [r["d_epoch"] for r in result["rows"]] == [1, 6]
+    skipped = "\n".join(result["skipped"])
+    assert "epoch_2.pt: missing" in skipped
+    assert "epoch_3.pt: cannot read checkpoint" in skipped
+    assert "epoch_4.pt: holds no discriminator" in skipped
+    assert "epoch_5.pt: weights do not fit" in skipped
+    reading = (run_dir / "audit" / "reading.txt").read_text()
+    assert "epoch_2.pt: missing" in reading and "epoch_4.pt" in reading
+    assert len(read_csv(run_dir / "audit" / "audit.csv")) == 2
+
+
+def test_fewer_than_two_discriminators_fails_with_message(fresh, capsys):
+    cfg, run_dir = fresh
+    save_stage3(cfg, run_dir, [1, 2])
+    save_stage3(cfg, run_dir, [1], with_discriminator=False)
+    with pytest.raises(audit.AuditError, match="1 usable discriminator checkpoint.*at least two"):
+        audit.run(cfg, run_dir)
+    assert "epoch_1.pt: holds no discriminator" in (run_dir / "audit" / "reading.txt").read_text()
+    assert audit.main(["--run", str(run_dir)]) == 1
+    assert "at least two" in capsys.readouterr().err
+
+
+def test_missing_generator_checkpoint_is_named(fresh):
+    cfg, run_dir = fresh
+    save_stage3(cfg, run_dir, [1, 2])
+    with pytest.raises(audit.AuditError, match="epoch_7.pt not found"):
+        audit.run(cfg, run_dir, gen_epoch=7)
+
+
+def test_wanted_epochs_adds_expected_multiples(tmp_path):
+    found = {e: tmp_path / f"epoch_{e}.pt" for e in (5, 15, 17)}
+    assert audit.wanted_epochs(found, 5, 0, 0) == [5, 10, 15, 17]
+    assert audit.wanted_epochs(found, 5, 10, 15) == [10, 15]
+    assert audit.wanted_epochs({}, 5, 0, 0) == []
+
+
+def row(epoch, fake_bce, d_loss=0.6, accuracy=0.8, real_prob=0.7, fake_prob=0.4):
+    return {"d_epoch": epoch, "fake_bce_vs_real": fake_bce, "d_loss": d_loss,
+            "accuracy": accuracy, "real_prob": real_prob, "fake_prob": fake_prob}
+
+
+@pytest.mark.parametrize("rows, verdict, phrase", [
+    ([row(1, 0.2), row(2, 0.5), row(3, 1.1)], "healthy", "healthy arms race"),
+    ([row(1, 0.2), row(2, 0.3), row(3, 0.5)], "trouble", "all discriminators are fooled"),
+    ([row(1, 1.2), row(2, 1.3), row(3, 2.5)], "trouble", "all discriminators are strict"),
+    ([row(1, 0.2, d_loss=0.05), row(2, 2.0, d_loss=0.1)], "trouble", "D collapse"),
+    ([row(1, 0.2), row(2, 0.9, accuracy=0.55)], "unclear", "cannot tell reals from fakes"),
+    ([row(1, 1.0), row(2, 0.3), row(3, 0.4)], "unclear", "mixed"),
+])
+def test_reading_in_the_seed_terms(rows, verdict, phrase):
+    got, findings = audit.read_rows(rows, collapse_d_loss=0.2, chance_margin=0.1)
+    assert got == verdict
+    assert any(phrase in f for f in findings), findings
