@@ -29,3 +29,20 @@ def run_dir(tiny_cfg):
     path = Path(tiny_cfg.run.root) / tiny_cfg.run.name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory):
+    """A tiny generated mp3 corpus, made once per session: 4 songs of 6 s (seed 7) covering
+    stereo/mono, 44.1/48 kHz, tagged/untagged, a subfolder and non-ASCII names."""
+    from data_prep.corpus import generate_corpus
+    folder = tmp_path_factory.mktemp("demo_corpus")
+    generate_corpus(folder, songs=4, seconds=6.0, seed=7)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def shared_mlflow_uri(tmp_path_factory):
+    """One sqlite MLflow store for the session (creating a store's tables takes seconds);
+    pass it as the override f"mlflow.tracking_uri={uri}"."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"

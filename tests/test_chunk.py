@@ -1,0 +1,215 @@
+"""Step 1, chunk: counts, rates, bad files, atomic writes, re-runs and shards, on real files."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from data_prep.chunk import (collect_manifest, list_sources, run_shard, shard_files,
+                             summarize)
+from pipeline.config import write_resolved
+from tests.conftest import make_cfg
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cfg_for(tmp_path: Path, mlflow_uri: str, *overrides: str):
+    """Demo config with 2 s chunks, both workers, and the session's MLflow store."""
+    return make_cfg(tmp_path, f"mlflow.tracking_uri={mlflow_uri}", "data.chunk_seconds=2.0",
+                    "data.workers=2", *overrides)
+
+
+def run_dir_of(cfg) -> Path:
+    return Path(cfg.run.root) / cfg.run.name
+
+
+def tone(seconds: float, sr: int = 24000, amp: float = 0.5) -> np.ndarray:
+    return amp * np.sin(2 * np.pi * 220 * np.arange(int(seconds * sr)) / sr)
+
+
+@pytest.fixture
+def music(tmp_path, demo_corpus) -> Path:
+    """The demo corpus plus the files a real folder has: broken, empty, text, too short."""
+    folder = tmp_path / "music"
+    shutil.copytree(demo_corpus, folder)
+    good = sorted(demo_corpus.rglob("*.mp3"))[2].read_bytes()
+    rng = np.random.default_rng(1)
+    (folder / "broken.mp3").write_bytes(good[:300] + rng.bytes(len(good) - 300))
+    (folder / "empty.mp3").write_bytes(b"")
+    (folder / "notes.MP3").write_text("shopping list\n" * 30)
+    sf.write(folder / "blip.mp3", tone(0.3, 44100), 44100, format="MP3")
+    (folder / "cover.jpg").write_bytes(b"\xff\xd8 not considered")
+    return folder
+
+
+def by_name(records: list[dict]) -> dict[str, dict]:
+    return {Path(r["source"]).name: r for r in records}
+
+
+@pytest.mark.parametrize("sr", [24000, 12000])
+@pytest.mark.parametrize("channels", [1, 2])
+def test_chunk_counts_and_rates(tmp_path, demo_corpus, shared_mlflow_uri, sr, channels):
+    cfg = cfg_for(tmp_path, shared_mlflow_uri, f"data.sample_rate={sr}", f"data.channels={channels}")
+    summary = run_shard(cfg, run_dir_of(cfg), source=demo_corpus)
+    assert summary["ok"] == 4 and summary["chunks"] == 4 * 3      # 6 s songs, 2 s chunks
+    chunk = run_dir_of(cfg) / "chunk"
+    seen = set()
+    for rec in collect_manifest(run_dir_of(cfg)):
+        arr = np.load(chunk / rec["array"], mmap_mode="r")
+        assert arr.shape == (3, channels, 2 * sr) and arr.dtype == np.float32
+        assert rec["duration_s"] == pytest.approx(6.0, abs=0.01)
+        assert np.abs(arr).max() > 0.1
+        seen.add((rec["sample_rate"], rec["channels"]))
+    assert seen == {(44100, 1), (44100, 2), (48000, 1), (48000, 2)}
+    assert (chunk / "config.resolved.yaml").is_file()
+
+
+def test_bad_files_are_reported_and_the_rest_is_written(tmp_path, music, shared_mlflow_uri):
+    cfg = cfg_for(tmp_path, shared_mlflow_uri)
+    summary = run_shard(cfg, run_dir_of(cfg), source=music)
+    recs = by_name(collect_manifest(run_dir_of(cfg)))
+    assert "cover.jpg" not in recs and len(recs) == 8
+    assert recs["broken.mp3"]["status"] == "failed"
+    assert recs["broken.mp3"]["reason"].startswith("decode error")
+    assert (recs["empty.mp3"]["status"], recs["empty.mp3"]["reason"]) == ("skipped", "empty file (0 bytes)")
+    assert recs["notes.MP3"]["status"] == "skipped" and recs["notes.MP3"]["reason"].startswith("not audio")
+    assert recs["blip.mp3"]["status"] == "skipped" and recs["blip.mp3"]["reason"].startswith("too short")
+    assert summary["ok"] == 4 and summary["skipped"] == 3 and summary["failed"] == 1
+    assert summary["reasons"] == {"failed: decode error": 1, "skipped: empty file": 1,
+                                  "skipped: not audio": 1, "skipped: too short": 1}
+    songs = sorted((run_dir_of(cfg) / "chunk" / "songs").iterdir())
+    assert len(songs) == 4 and all(np.load(p).shape == (3, 1, 48000) for p in songs)
+    assert summarize(run_dir_of(cfg))["failed"] == 1
+
+
+def test_tail_silence_cap_and_int16(tmp_path, shared_mlflow_uri):
+    src = tmp_path / "src"
+    src.mkdir()
+    sf.write(src / "five.wav", tone(5.0), 24000)                                  # 2.5 chunks
+    sf.write(src / "half quiet.flac", np.concatenate([tone(4.0), np.zeros(4 * 24000)]), 24000)
+    sf.write(src / "silence.wav", np.zeros(6 * 24000), 24000)
+
+    def chunks(*overrides: str) -> dict[str, dict]:
+        cfg = cfg_for(tmp_path / "_".join(overrides).replace("=", "-"), shared_mlflow_uri,
+                      *overrides)
+        run_shard(cfg, run_dir_of(cfg), source=src)
+        return {k: (v, run_dir_of(cfg) / "chunk" / v["array"])
+                for k, v in by_name(collect_manifest(run_dir_of(cfg))).items()}
+
+    drop = chunks("data.tail=drop")
+    assert drop["five.wav"][0]["chunks"] == 2 and drop["half quiet.flac"][0]["chunks"] == 2
+    assert drop["silence.wav"][0]["status"] == "skipped"
+    assert drop["silence.wav"][0]["reason"].startswith("silent")
+    pad = chunks("data.tail=pad", "data.silence_db=null", "data.dtype=int16")
+    five = np.load(pad["five.wav"][1])
+    assert five.shape == (3, 1, 48000) and five.dtype == np.int16
+    assert np.all(five[2, :, 24000:] == 0) and np.abs(five[2, :, :24000]).max() > 10000
+    assert pad["half quiet.flac"][0]["chunks"] == 4 and pad["silence.wav"][0]["chunks"] == 3
+    capped = chunks("data.max_chunks_per_song=1")
+    assert np.load(capped["five.wav"][1]).shape[0] == 1
+
+
+def test_rerun_skips_unchanged_files_and_redoes_changed_ones(tmp_path, music, shared_mlflow_uri):
+    cfg = cfg_for(tmp_path, shared_mlflow_uri)
+    run_dir = run_dir_of(cfg)
+    first = run_shard(cfg, run_dir, source=music)
+    assert first["reused"] == 0
+    songs = run_dir / "chunk" / "songs"
+    stamps = {p.name: p.stat().st_mtime_ns for p in songs.iterdir()}
+    again = run_shard(cfg, run_dir, source=music)
+    assert again["reused"] == first["ok"] + first["skipped"]            # failed ones are retried
+    assert {p.name: p.stat().st_mtime_ns for p in songs.iterdir()} == stamps
+    assert collect_manifest(run_dir) == sorted(collect_manifest(run_dir), key=lambda r: r["source"])
+
+    changed = sorted(music.rglob("0*.mp3"))[0]
+    sf.write(changed, tone(4.0, 44100), 44100, format="MP3")           # new content, same name
+    third = run_shard(cfg, run_dir, source=music)
+    assert third["reused"] == again["reused"] - 1
+    rec = by_name(collect_manifest(run_dir))[changed.name]
+    assert rec["chunks"] == 2 and (run_dir / "chunk" / rec["array"]).is_file()
+
+    other = cfg_for(tmp_path, shared_mlflow_uri, "data.sample_rate=12000")
+    assert run_shard(other, run_dir, source=music)["reused"] == 0      # settings changed
+
+
+def test_shards_partition_the_files(tmp_path, music, shared_mlflow_uri):
+    files = list_sources(music)
+    parts = [shard_files(files, i, 3) for i in range(3)]
+    assert sorted(sum(parts, [])) == sorted(files)
+    assert sum(len(p) for p in parts) == len(set(files)) == 8
+    with pytest.raises(ValueError, match="shard 3"):
+        shard_files(files, 3, 3)
+
+    cfg = cfg_for(tmp_path, shared_mlflow_uri)
+    run_dir = run_dir_of(cfg)
+    summaries = [run_shard(cfg, run_dir, i, 3, source=music) for i in range(3)]
+    chunk = run_dir / "chunk"
+    per_shard = [[json.loads(line)["source"] for line in
+                  (chunk / f"manifest-{i}-of-3.jsonl").read_text().splitlines()] for i in range(3)]
+    assert all(set(a).isdisjoint(b) for i, a in enumerate(per_shard) for b in per_shard[i + 1:])
+    assert sorted(sum(per_shard, [])) == sorted(str(p.resolve()) for p in files)
+    total = summarize(run_dir)
+    assert total["files"] == 8 and total["ok"] == sum(s["ok"] for s in summaries) == 4
+    assert total["chunks"] == 12 and len(total["shard_summaries"]) == 3
+    ids = [r["song_id"] for r in collect_manifest(run_dir) if r["status"] == "ok"]
+    assert len(set(ids)) == 4
+
+
+def test_unicode_and_space_names(tmp_path, shared_mlflow_uri):
+    src = tmp_path / "Mÿ Müsic" / "日本 の 歌"
+    src.mkdir(parents=True)
+    sf.write(src / "Ça va – « olé ».WAV", tone(4.0), 24000)
+    sf.write(src / "два слова.Flac", tone(2.5), 24000)
+    cfg = cfg_for(tmp_path, shared_mlflow_uri)
+    summary = run_shard(cfg, run_dir_of(cfg), source=tmp_path / "Mÿ Müsic")
+    assert summary["ok"] == 2 and summary["chunks"] == 3
+    for rec in collect_manifest(run_dir_of(cfg)):
+        assert Path(rec["source"]).is_file() and rec["song_id"].isascii()
+
+
+def test_killed_run_leaves_no_array_a_rerun_trusts(tmp_path, shared_mlflow_uri):
+    """SIGKILL the CLI mid-write; the re-run (CLI again) finishes the song, records a broken
+    file, and still exits 0."""
+    src = tmp_path / "src"
+    src.mkdir()
+    sf.write(src / "long.wav", np.tile(tone(1.0, 48000), 240), 48000)   # 4 min: takes a while
+    (src / "zz broken.mp3").write_bytes(b"ID3\x04\x00\x00\x00\x00\x00\x00" + bytes(5000))
+    cfg = cfg_for(tmp_path, shared_mlflow_uri, "data.workers=1")
+    run_dir = run_dir_of(cfg)
+    write_resolved(cfg, run_dir)
+    cmd = [sys.executable, "-m", "data_prep.chunk", "--run-dir", str(run_dir), "--shard", "0",
+           "--num-shards", "1", "--source", str(src)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    songs = run_dir / "chunk" / "songs"
+    deadline = time.time() + 60
+    while not list(songs.glob(".*.tmp-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(songs.glob(".*.tmp-*")), "the run ended before it could be killed mid-write"
+    assert not list(songs.glob("*.npy"))                   # no final array, only the temp file
+    assert not (run_dir / "chunk" / "manifest-0-of-1.jsonl").exists()
+
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "chunk 0-of-1" in done.stderr and "h audio" in done.stderr      # the progress bar
+    assert "files: 2  ok: 1  skipped: 0  failed: 1" in done.stdout
+    summary = json.loads((run_dir / "chunk" / "summary-0-of-1.json").read_text())
+    assert summary["ok"] == 1 and summary["reused"] == 0 and summary["chunks"] == 120
+    assert not list(songs.glob(".*.tmp-*"))               # the leftover was cleaned up
+    assert np.load(next(songs.glob("*.npy")), mmap_mode="r").shape == (120, 1, 48000)
+
+
+def test_cli_without_a_resolved_config_fails_clearly(tmp_path):
+    missing = subprocess.run([sys.executable, "-m", "data_prep.chunk", "--run-dir",
+                              str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode == 2 and "config.resolved.yaml" in missing.stderr
