@@ -1,0 +1,57 @@
+"""`python -m pipeline.cancel [--run runs/<name>]`: cancel the run's queued and running jobs.
+
+On SLURM that is scancel of every step's latest job that squeue still lists (SLURM
+signals every process of the job, so no training worker is left). On the local executor
+the driver process gets SIGTERM, which it forwards to the running step.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from typing import Optional
+
+from pipeline import state
+from pipeline.executor import make_executor
+from pipeline.launch import load_run_config
+from pipeline.run import live_jobs, log
+from pipeline.status import find_run
+
+
+def cancel(run_dir) -> list[str]:
+    """Cancel what runs; returns the cancelled job ids (or the local driver's pid)."""
+    data = state.load(run_dir)
+    if data.get("cluster") == "local":
+        pid = data.get("driver_pid")
+        if pid:
+            try:
+                os.kill(int(pid), signal.SIGTERM)
+                return [f"pid {pid}"]
+            except ProcessLookupError:
+                pass
+        return []
+    executor = make_executor("slurm", load_run_config(run_dir), run_dir)
+    live = live_jobs(executor, data)
+    executor.cancel(list(live.values()))
+    state.update(run_dir, lambda d: d.setdefault("cancelled", []).append(
+        {"at": state.now(), "jobs": live}))
+    return list(live.values())
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", help="run folder (default: the latest under runs/)")
+    args = parser.parse_args(argv)
+    try:
+        run_dir = find_run(args.run)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    done = cancel(run_dir)
+    log(f"cancelled: {', '.join(done) if done else 'nothing was queued or running'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

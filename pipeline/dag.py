@@ -1,0 +1,171 @@
+"""The pipeline's steps, their dependencies, and the signatures that decide what reruns.
+
+A step's signature is a sha256 over three things:
+  1. the resolved config sections the step reads (SECTIONS below),
+  2. its code version: the source of its entry module and of every module of the
+     `data_prep` and `jobs` packages it imports, directly or not (editing any of them
+     reruns the step; the orchestration code under `pipeline/` is not part of it),
+  3. the signatures of the steps it depends on (so a change anywhere upstream reruns
+     everything downstream).
+Resources (GPUs, nodes, time) and the run name are not in it: they change where and how
+fast a step runs, not what it computes.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pipeline import config as config_mod
+from pipeline.schema import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+CODE_PACKAGES = ("data_prep", "jobs")
+TRAIN_STEPS = ("stage1", "stage2", "stage3")
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    upstream: tuple[str, ...]
+    sections: tuple[str, ...]   # dotted config paths hashed into the signature
+    module: str                 # entry module (its import closure is the code version)
+    kind: str                   # "array" (chunk shards), "data", "train" or "job"
+
+
+STEPS: dict[str, Step] = {s.name: s for s in (
+    Step("chunk", (), ("data", "run.seed"), "data_prep.chunk", "array"),
+    Step("pairs", ("chunk",), ("pairs", "run.seed"), "data_prep.pairs", "data"),
+    Step("encode", ("pairs",), ("encode",), "data_prep.encode", "data"),
+    Step("stage1", ("encode",), ("model", "stage1", "run.seed"), "jobs.train", "train"),
+    Step("stage2", ("stage1",), ("model", "stage2", "run.seed"), "jobs.train", "train"),
+    Step("stage3", ("stage2",), ("model", "stage3", "run.seed"), "jobs.train", "train"),
+    Step("audit", ("stage3",), ("audit",), "jobs.audit", "job"),
+    Step("generate", ("stage3",), ("generate",), "jobs.generate", "job"),
+    Step("evaluate", ("generate",), (), "jobs.evaluate", "job"),
+)}
+
+# What each CLI target asks for; every step it needs that is not complete comes along.
+TARGETS: dict[str, tuple[str, ...]] = {
+    "prepare": ("encode",),
+    "stage1": ("stage1",),
+    "stage2": ("stage2",),
+    "stage3": ("stage3",),
+    "all": ("audit",),
+    "demo": ("audit", "evaluate"),
+}
+
+
+class DagError(ValueError):
+    """An unknown step or target, or a step whose code is missing."""
+
+
+def step(name: str) -> Step:
+    if name not in STEPS:
+        raise DagError(f"unknown step '{name}'; steps are: {', '.join(STEPS)}")
+    return STEPS[name]
+
+
+def plan(target: str) -> list[str]:
+    """The steps of a target and everything they need, in run (topological) order."""
+    if target not in TARGETS:
+        raise DagError(f"unknown target '{target}'; targets are: {', '.join(TARGETS)}")
+    wanted: set[str] = set()
+    todo = list(TARGETS[target])
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.add(name)
+            todo.extend(step(name).upstream)
+    return [name for name in STEPS if name in wanted]
+
+
+def downstream(name: str, among: list[str]) -> list[str]:
+    """`name` and every step of `among` that depends on it (directly or not), in order."""
+    hit = {step(name).name}
+    for other in among:
+        if set(STEPS[other].upstream) & hit:
+            hit.add(other)
+    return [s for s in among if s in hit]
+
+
+def _section(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return config_mod.to_dict(obj) if hasattr(obj, "__dataclass_fields__") else obj
+
+
+def module_file(module: str) -> Path:
+    """Source file of a project module (`pkg.mod` -> pkg/mod.py or pkg/mod/__init__.py)."""
+    base = ROOT.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.exists():
+            return path
+    raise DagError(f"module '{module}' not found under {ROOT}")
+
+
+def _project_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            if name.split(".")[0] in CODE_PACKAGES:
+                try:
+                    module_file(name)
+                    found.add(name)
+                except DagError:
+                    pass  # `from pkg import function`: the name is not a module
+    return found
+
+
+@lru_cache(maxsize=None)
+def code_files(module: str) -> tuple[Path, ...]:
+    """The entry module's file and every project file it imports, transitively."""
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen[name] = module_file(name)
+        todo.extend(_project_imports(seen[name]))
+    return tuple(sorted(set(seen.values())))
+
+
+def code_version(module: str) -> str:
+    """sha256 over the relative paths and contents of the step's code files."""
+    digest = hashlib.sha256()
+    for path in code_files(module):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def signature(cfg: Config, name: str, upstream_sigs: dict[str, str]) -> str:
+    """The signature of one step given its upstream steps' signatures."""
+    s = step(name)
+    payload = {
+        "step": name,
+        "config": {dotted: _section(cfg, dotted) for dotted in s.sections},
+        "code": code_version(s.module),
+        "upstream": {u: upstream_sigs[u] for u in s.upstream},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def signatures(cfg: Config, names: list[str]) -> dict[str, str]:
+    """Signatures of `names` (which must include their upstream steps), in order."""
+    out: dict[str, str] = {}
+    for name in STEPS:
+        if name in names:
+            out[name] = signature(cfg, name, out)
+    return out

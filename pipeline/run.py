@@ -1,0 +1,257 @@
+"""Submit a target of the DAG: `python -m pipeline.run <target> [options] [key.sub=value ...]`.
+
+Loads and checks the config first (a wrong key stops everything, exit 2), writes the run's
+resolved config, creates the MLflow parent run, then walks the target's steps in order:
+a step whose markers say COMPLETED with its current signature is skipped (and the log
+says so); a step already queued or running with that signature is waited on; every other
+step is submitted behind its upstream jobs. `--force STEP` reruns STEP and, because their
+inputs are rewritten, every step of the target downstream of it. A step whose outputs were
+made under another signature (config or code changed) starts from an empty folder; one
+with the same signature resumes from what it left (training: last.pt; chunk: the
+shards that finished).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from pipeline import config as config_mod
+from pipeline import dag, state, tracking
+from pipeline.config import ConfigError
+from pipeline.executor import (LIVE_STATES, Executor, Submission, make_executor,
+                               resolve_cluster)
+from pipeline.schema import Config
+
+
+def log(msg: str) -> None:
+    print(f"[pipeline] {msg}", file=sys.stderr, flush=True)
+
+
+def build_overrides(args: argparse.Namespace) -> list[str]:
+    """Command-line options as config overrides (so they are checked like any other)."""
+    out = []
+    if args.run:
+        out.append(f"run.name={args.run}")
+    if args.data:
+        out.append(f"data.source={Path(args.data).resolve()}")
+    for stage in dag.TRAIN_STEPS:
+        if args.gpus is not None:
+            out.append(f"cluster.steps.{stage}.gpus_per_node={args.gpus}")
+        if args.nodes is not None:
+            out.append(f"cluster.steps.{stage}.nodes={args.nodes}")
+    return out + list(args.overrides)
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return (Path(cfg.run.root) / cfg.run.name).resolve()
+
+
+def _absolute_root(cfg: Config) -> Config:
+    """Jobs may start elsewhere: pin the run root (and so the sqlite store) to a full path."""
+    cfg.run.root = str(Path(cfg.run.root).resolve())
+    return cfg
+
+
+def live_jobs(executor: Executor, data: dict, steps: Optional[list[str]] = None) -> dict[str, str]:
+    """step -> job id for the run's steps whose latest job is still queued or running."""
+    ids = {name: e.get("job_id") for name, e in data.get("steps", {}).items()
+           if e.get("job_id") and (steps is None or name in steps)}
+    found = executor.states(list(ids.values()))
+    return {name: job for name, job in ids.items()
+            if job in found and found[job][0] in LIVE_STATES}
+
+
+def _write_config(cfg: Config, run_dir: Path, live: dict[str, str]) -> None:
+    path = run_dir / "config.resolved.yaml"
+    new = yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False)
+    if live and path.exists() and path.read_text() != new:
+        raise ConfigError(
+            f"run {run_dir} has queued or running jobs ({', '.join(f'{s}={j}' for s, j in live.items())}) "
+            "that read its config; wait for them, cancel them (python -m pipeline.cancel) "
+            "or pick another --run")
+    config_mod.write_resolved(cfg, run_dir)
+
+
+def _clear(run_dir: Path, step: str) -> None:
+    folder = run_dir / step
+    if folder.exists():
+        shutil.rmtree(folder)
+        log(f"{step}: removed outputs made under another signature (or forced)")
+
+
+def _stale(run_dir: Path, step: str, signature: str, num_shards: Optional[int]) -> bool:
+    """True when the step folder holds outputs of another signature."""
+    if not (run_dir / step).exists():
+        return False
+    if num_shards is not None and any((run_dir / step).glob("step_state-*.json")):
+        found = [state.read_marker(p) for p in (run_dir / step).glob("step_state-*.json")]
+        return any(m is None or m["signature"] != signature or m["num_shards"] != num_shards
+                   for m in found)
+    marks = state.markers(run_dir, step)
+    return marks[0] is None or marks[0]["signature"] != signature
+
+
+def submit_steps(cfg: Config, run_dir: Path, steps: list[str], executor: Executor,
+                 force: tuple[str, ...] = (), keep: Optional[str] = None,
+                 dry_run: bool = False, echo: Callable[[str], None] = print) -> dict[str, str]:
+    """Submit (or skip) `steps` in order; returns step -> job id of what now runs.
+
+    `keep` is a step resumed whatever its signature (pipeline.resume)."""
+    sigs = dag.signatures(cfg, steps)
+    data = state.load(run_dir)
+    live = {} if dry_run else live_jobs(executor, data, steps)
+    rerun: set[str] = set()
+    for name in force:
+        rerun.update(dag.downstream(name, steps))
+    job_of: dict[str, str] = {}
+    for name in steps:
+        sig, kind = sigs[name], dag.step(name).kind
+        shards = cfg.data.num_shards if kind == "array" else None
+        after = [job_of[u] for u in dag.step(name).upstream if u in job_of]
+        forced = name in rerun
+        if not forced and state.is_complete(run_dir, name, sig, shards):
+            log(f"{name}: complete with signature {sig[:12]}, skipped")
+            if not dry_run:
+                state.record_step(run_dir, name, signature=sig, skipped_at=state.now())
+            continue
+        entry = data["steps"].get(name, {})
+        if name in live:
+            if forced or entry.get("signature") != sig:
+                raise ConfigError(f"{name} is queued or running as job {live[name]} under "
+                                  "another signature (or forced); cancel it first")
+            job_of[name] = live[name]
+            log(f"{name}: already queued/running as job {live[name]}; waiting on it")
+            continue
+        todo = None
+        if shards is not None:
+            fresh = forced or (_stale(run_dir, name, sig, shards) and name != keep)
+            todo = list(range(shards)) if fresh else state.unfinished_shards(run_dir, name, sig, shards)
+        if name not in cfg.cluster.steps:
+            raise ConfigError(f"cluster.steps.{name} is missing from the cluster profile")
+        sub = Submission(name, run_dir, sig, cfg.cluster.steps[name], after=after, shards=todo,
+                         num_shards=shards)
+        if dry_run:
+            echo(f"# ---- {name} (signature {sig[:12]}, after {after or 'nothing'}) ----")
+            echo(executor.script(sub))
+            job_of[name] = f"<{name}>"
+            continue
+        if forced or (name != keep and _stale(run_dir, name, sig, shards)):
+            _clear(run_dir, name)
+        began = time.monotonic()
+        done = executor.submit(sub)
+        state.record_step(run_dir, name, signature=sig, job_id=done.job_id, state=done.state,
+                          array_tasks=done.array_tasks, after=after, cluster=executor.name,
+                          submitted_at=state.now(), shards=todo, reason=done.reason)
+        job_of[name] = done.job_id
+        log(f"{name}: {'ran' if executor.name == 'local' else 'submitted'} as job {done.job_id}"
+            f"{' after ' + ','.join(after) if after else ''} -> {done.state}"
+            f" ({time.monotonic() - began:.1f} s)")
+        if done.state == "FAILED":
+            log(f"{name}: FAILED ({done.reason}); its dependents will not run. Fix the cause, "
+                f"then: python -m pipeline.resume --job {name} --run {run_dir}")
+            break
+    return job_of
+
+
+def prepare_run(cfg: Config, run_dir: Path, executor: Executor, steps: list[str],
+                target: str, params: dict) -> None:
+    """Write the resolved config, record the submission, and open the MLflow parent run."""
+    data = state.load(run_dir)
+    _write_config(cfg, run_dir, live_jobs(executor, data))
+    if "chunk" in steps and not cfg.data.source:
+        from data_prep.corpus import ensure_corpus
+        ensure_corpus(cfg, run_dir)
+    parent = tracking.ensure_parent_run(cfg, run_dir)
+
+    def change(d: dict) -> None:
+        d.update(run=cfg.run.name, cluster=executor.name, target=target, target_steps=steps,
+                 mlflow_parent=parent, driver_pid=os.getpid(), submit_params=params)
+    state.update(run_dir, change)
+    import mlflow
+    client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
+    for key, value in params.items():
+        client.set_tag(parent, f"submit.{key}", str(value))
+
+
+def demo_report(cfg: Config, run_dir: Path) -> None:
+    """Where the demo's results are, and how to look at them."""
+    uri = tracking.tracking_uri(cfg)
+    print(f"audio samples : {run_dir / 'generate'}/*.wav")
+    print(f"audit plot    : {run_dir / 'audit' / 'audit.png'}")
+    print(f"evaluation    : {run_dir / 'evaluate' / 'metrics.json'}")
+    print(f"MLflow store  : {uri}")
+    print(f"look at it    : .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000")
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__.splitlines()[0])
+    p.add_argument("target", choices=list(dag.TARGETS))
+    p.add_argument("--experiment", default=None, help="configs/experiments/<name>.yaml or a path")
+    p.add_argument("--cluster", choices=["local", "slurm"],
+                   default=os.environ.get("CLUSTER") or None,
+                   help="executor and cluster profile (default: slurm if sbatch is found)")
+    p.add_argument("--run", help="run name (folder under run.root)")
+    p.add_argument("--data", help="folder of music files (data.source)")
+    p.add_argument("--gpus", type=int, help="GPUs per node for the training steps")
+    p.add_argument("--nodes", type=int, help="nodes for the training steps")
+    p.add_argument("--force", action="append", default=[], metavar="STEP",
+                   help="rerun STEP (and its dependents) even if complete")
+    p.add_argument("--dry-run", action="store_true",
+                   default=os.environ.get("DRY_RUN", "") not in ("", "0"),
+                   help="print what would be submitted; submit nothing")
+    p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+    return p.parse_intermixed_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        for name in args.force:
+            dag.step(name)
+        cluster = resolve_cluster(args.cluster)
+        cfg = _absolute_root(config_mod.load(args.experiment, cluster, build_overrides(args)))
+        steps = dag.plan(args.target)
+        for name in args.force:
+            if name not in steps:
+                raise ConfigError(f"--force {name}: not a step of target {args.target} ({steps})")
+        dag.signatures(cfg, steps)   # every step's code must exist before anything is queued
+    except (ConfigError, dag.DagError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run_dir = run_dir_of(cfg)
+    executor = make_executor(cluster, cfg, run_dir, dry_run=args.dry_run)
+    if args.dry_run:
+        log(f"dry run: {args.target} on {cluster}; nothing is submitted or written")
+        submit_steps(cfg, run_dir, steps, executor, tuple(args.force), dry_run=True)
+        return 0
+    params = {"target": args.target, "experiment": args.experiment or "", "cluster": cluster,
+              "gpus": args.gpus, "nodes": args.nodes, "force": ",".join(args.force),
+              "overrides": " ".join(args.overrides)}
+    began = time.monotonic()
+    try:
+        prepare_run(cfg, run_dir, executor, steps, args.target, params)
+        jobs = submit_steps(cfg, run_dir, steps, executor, tuple(args.force))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    log(f"{args.target}: {len(jobs)} step(s) {'run' if cluster == 'local' else 'queued'} in "
+        f"{time.monotonic() - began:.1f} s; run folder {run_dir}")
+    failed = [s for s in steps if s in jobs and state.load(run_dir)["steps"][s].get("state") == "FAILED"]
+    if failed:
+        return 1
+    if cluster == "slurm":
+        print(f"watch: python -m pipeline.status --run {run_dir}")
+    if args.target == "demo":
+        demo_report(cfg, run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

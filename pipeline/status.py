@@ -1,0 +1,140 @@
+"""`python -m pipeline.status [--run runs/<name>]`: one line per step of a run.
+
+Columns: step, job id, state, elapsed, the latest key metric, and a note (why a job
+waits, or why a step failed, e.g. a validation gate's reason). States come from the
+scheduler while it knows the job (squeue, then `scontrol show job`; sacct is not needed)
+and from the step's own markers afterwards.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from pipeline import dag, state
+from pipeline.executor import LIVE_STATES, make_executor
+
+
+def find_run(run: Optional[str], root: str = "runs") -> Path:
+    """The given run folder, or the most recently updated one under `root`."""
+    if run:
+        path = Path(run)
+        if not (path / state.STATE_FILE).exists() and (Path(root) / run / state.STATE_FILE).exists():
+            path = Path(root) / run
+        if not (path / state.STATE_FILE).exists():
+            raise FileNotFoundError(f"no {state.STATE_FILE} in {path}: not a pipeline run folder")
+        return path.resolve()
+    found = sorted(Path(root).glob(f"*/{state.STATE_FILE}"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no run folders with {state.STATE_FILE} under {root}/")
+    return found[-1].parent.resolve()
+
+
+def _elapsed(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def latest_metric(run_dir: Path, step: str) -> str:
+    """A short 'key=value' for the step from its metrics or summary files."""
+    folder = run_dir / step
+    try:
+        if step in dag.TRAIN_STEPS and (folder / "metrics.jsonl").exists():
+            lines = (folder / "metrics.jsonl").read_text().strip().splitlines()
+            last = json.loads(lines[-1])
+            keys = [k for k in ("val_loss", "best_val_loss") if k in last]
+            return f"epoch {last.get('epoch', len(lines))} " + \
+                " ".join(f"{k}={last[k]:.4g}" for k in keys)
+        if step == "chunk":
+            from data_prep.chunk import summarize
+            summary = summarize(run_dir)
+            return " ".join(f"{k}={summary[k]}" for k in ("ok", "skipped", "failed", "chunks")
+                            if k in summary)
+        if step == "pairs" and (folder / "summary.json").exists():
+            s = json.loads((folder / "summary.json").read_text())
+            return " ".join(f"{k}={v}" for k, v in s.items() if "pairs" in k and not isinstance(v, dict))
+        if step == "encode" and (folder / "manifest.json").exists():
+            m = json.loads((folder / "manifest.json").read_text())
+            return f"rows={sum(s['rows'] for s in m.get('shards', []))} codec={m.get('codec')}"
+        if step == "evaluate" and (folder / "metrics.json").exists():
+            m = json.loads((folder / "metrics.json").read_text())
+            return " ".join(f"{k}={v:.4g}" for k, v in list(m.items())[:2] if isinstance(v, (int, float)))
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return ""
+    return ""
+
+
+def step_rows(run_dir: Path) -> list[dict]:
+    """The status of every step recorded in the run."""
+    data = state.load(run_dir)
+    cluster = data.get("cluster", "local")
+    from pipeline.launch import load_run_config
+    cfg = load_run_config(run_dir)
+    executor = make_executor(cluster, cfg, run_dir)
+    ids = [e.get("job_id") for e in data["steps"].values() if e.get("job_id")]
+    live = executor.states(ids)
+    rows = []
+    for name in dag.STEPS:
+        entry = data["steps"].get(name)
+        if entry is None:
+            continue
+        sig = entry.get("signature", "")
+        shards = cfg.data.num_shards if dag.step(name).kind == "array" else None
+        marks = [m for m in state.markers(run_dir, name, shards) if m]
+        job = entry.get("job_id", "")
+        st, elapsed, note = "", "", ""
+        if job in live:
+            st, elapsed, note = live[job]
+        complete = state.is_complete(run_dir, name, sig, shards)
+        if complete and st not in LIVE_STATES:
+            st = "COMPLETED"
+        elif st in ("", "COMPLETED") and marks:
+            worst = [m for m in marks if m["state"] != "COMPLETED"]
+            st = worst[0]["state"] if worst else "COMPLETED"
+            if st == "RUNNING" and cluster == "slurm" and job not in live:
+                st = "LOST"   # the job is gone without a word: killed hard, or a node died
+        elif not st:
+            st = entry.get("state") or "NOT RUN"
+        if not elapsed and marks:
+            begin = min(m["started"] for m in marks)
+            end = max(m.get("finished") or m["updated"] for m in marks)
+            elapsed = _elapsed((time.time() if st == "RUNNING" else end) - begin)
+        reasons = [m.get("reason", "") for m in marks if m.get("reason")]
+        if st not in LIVE_STATES and reasons:
+            note = reasons[0]
+        if "DependencyNeverSatisfied" in note:
+            note = "an upstream step failed: this job never starts (pipeline.resume re-submits it)"
+        rows.append({"step": name, "job": job, "state": st, "elapsed": elapsed,
+                     "metric": latest_metric(run_dir, name), "note": note})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["step", "job", "state", "elapsed", "metric", "note"]
+    widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in cols[:-1]}
+    lines = ["  ".join(c.upper().ljust(widths.get(c, 0)) for c in cols)]
+    for r in rows:
+        lines.append("  ".join(str(r[c]).ljust(widths.get(c, 0)) for c in cols))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", help="run folder (default: the latest under runs/)")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = parser.parse_args(argv)
+    try:
+        run_dir = find_run(args.run)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rows = step_rows(run_dir)
+    print(json.dumps(rows, indent=1) if args.json else f"run {run_dir}\n{format_table(rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
