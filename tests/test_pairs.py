@@ -16,6 +16,12 @@ from pipeline.config import write_resolved
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="module")
+def uri(tmp_path_factory) -> str:
+    """One MLflow store per module: creating a sqlite store per test costs seconds."""
+    return f"mlflow.tracking_uri=sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
 def _read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -24,7 +30,13 @@ def _songs(n: int, chunks: int = 5) -> dict[str, int]:
     return {f"song{i:02d}": chunks for i in range(n)}
 
 
-def test_split_is_by_song_and_pairs_are_consecutive(tiny_cfg, run_dir):
+def _run(tmp_path: Path, uri: str, *overrides: str):
+    cfg = make_cfg(tmp_path, uri, *overrides)
+    return cfg, Path(cfg.run.root) / cfg.run.name
+
+
+def test_split_is_by_song_and_pairs_are_consecutive(tmp_path, uri):
+    tiny_cfg, run_dir = _run(tmp_path, uri)
     write_chunks(run_dir, _songs(10), 24000, 0.1, shards=2,
                  extra_lines=[{"song_id": "bad", "status": "failed", "chunks": 0}])
     summary = pairs.run(tiny_cfg, run_dir)
@@ -58,9 +70,8 @@ def test_gap_and_stride():
     assert pairs.song_pairs(2, 1, 1) == []
 
 
-def test_shuffle_targets_come_from_another_song_of_the_same_split(tmp_path):
-    cfg = make_cfg(tmp_path, "pairs.shuffle_targets=true", "pairs.val_fraction=0.3")
-    run_dir = Path(cfg.run.root) / cfg.run.name
+def test_shuffle_targets_come_from_another_song_of_the_same_split(tmp_path, uri):
+    cfg, run_dir = _run(tmp_path, uri, "pairs.shuffle_targets=true", "pairs.val_fraction=0.3")
     write_chunks(run_dir, _songs(8, chunks=4), 24000, 0.1)
     summary = pairs.run(cfg, run_dir)
     assert summary["mode"] == "shuffle_targets"
@@ -72,9 +83,8 @@ def test_shuffle_targets_come_from_another_song_of_the_same_split(tmp_path):
         assert len({r["target_song"] for r in recs}) > 1  # really drawn, not one fixed song
 
 
-def test_empty_split_is_refused_with_a_clear_message(tmp_path):
-    cfg = make_cfg(tmp_path, "pairs.val_fraction=0.0")
-    run_dir = Path(cfg.run.root) / cfg.run.name
+def test_empty_split_is_refused_with_a_clear_message(tmp_path, uri):
+    cfg, run_dir = _run(tmp_path, uri, "pairs.val_fraction=0.0")
     write_chunks(run_dir, _songs(3), 24000, 0.1)
     with pytest.raises(pairs.PairsError) as err:
         pairs.run(cfg, run_dir)
@@ -83,20 +93,21 @@ def test_empty_split_is_refused_with_a_clear_message(tmp_path):
     assert not (run_dir / "pairs/train.jsonl").exists()
 
 
-def test_one_song_cannot_fill_both_splits(tmp_path):
-    cfg = make_cfg(tmp_path)
-    run_dir = Path(cfg.run.root) / cfg.run.name
+def test_one_song_cannot_fill_both_splits(tmp_path, uri):
+    cfg, run_dir = _run(tmp_path, uri)
     write_chunks(run_dir, {"only": 6, "short": 1}, 24000, 0.1)
     with pytest.raises(pairs.PairsError, match=r"val split is empty \(0 songs, 0 pairs; 1 songs"):
         pairs.run(cfg, run_dir)
 
 
-def test_no_chunk_manifest_is_a_clear_error(tiny_cfg, run_dir):
+def test_no_chunk_manifest_is_a_clear_error(tmp_path, uri):
+    tiny_cfg, run_dir = _run(tmp_path, uri)
     with pytest.raises(pairs.PairsError, match="run the chunk step first"):
         pairs.run(tiny_cfg, run_dir)
 
 
-def test_cli_reads_the_run_config(tiny_cfg, run_dir):
+def test_cli_reads_the_run_config(tmp_path, uri):
+    tiny_cfg, run_dir = _run(tmp_path, uri)
     write_chunks(run_dir, _songs(5), 24000, 0.1)
     write_resolved(tiny_cfg, run_dir)
     proc = subprocess.run([sys.executable, "-m", "data_prep.pairs", "--run-dir", str(run_dir)],

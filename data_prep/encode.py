@@ -1,0 +1,309 @@
+"""Step 3, encode: every chunk of every ok song once into float16 latent shards + a manifest.
+
+The row order (songs sorted by id, chunks in order) and so each shard's contents are fixed
+up front by a plan whose signature covers the inputs, codec and settings; a shard file
+exists only once it is whole (memmap into a temp file, then rename), so a re-run after a
+kill encodes only the missing shards. With encode.augment.variants = K > 0, each chunk of
+each TRAIN song (from pairs/train.jsonl) also gets up to K augmented variants
+(data_prep.augment.make_variants) in separate `aug-*.npy` shards; validation songs never do.
+Variants keep the chunk length (checked again here) so every row has T frames.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data_prep.codecs import Codec, load_codec
+from data_prep.pairs import load_run_config, ok_songs
+from pipeline.atomic import atomic_path, atomic_write_json, is_temp_file
+from pipeline.schema import Config
+from pipeline.tracking import CHILD_FILE, step_run
+
+log = logging.getLogger(__name__)
+
+LATENT_DTYPE = np.float16
+CLEAN_PATTERN = "latents-{:05d}.npy"
+AUG_PATTERN = "aug-{:05d}.npy"
+
+
+class EncodeError(RuntimeError):
+    """The chunk outputs cannot be encoded as configured."""
+
+
+# --- inputs ------------------------------------------------------------------------------
+def open_songs(run_dir: Path) -> tuple[dict[str, np.ndarray], int]:
+    """Memory-map each ok song's chunk array; return them and the common chunk length."""
+    arrays: dict[str, np.ndarray] = {}
+    for song, entry in ok_songs(run_dir).items():
+        path = Path(run_dir) / "chunk" / entry["array"]
+        if not path.exists():
+            raise EncodeError(f"chunk array {path} of song {song} is missing")
+        arr = np.load(path, mmap_mode="r")
+        if arr.ndim != 3 or arr.dtype not in (np.float32, np.int16):
+            raise EncodeError(f"{path}: expected [chunks, channels, samples] float32 or int16, "
+                              f"got shape {arr.shape} {arr.dtype}")
+        arrays[song] = arr
+    if not arrays:
+        raise EncodeError(f"no ok songs in {Path(run_dir) / 'chunk'}: nothing to encode")
+    lengths = {a.shape[2] for a in arrays.values()}
+    if len(lengths) != 1:
+        raise EncodeError(f"chunk arrays in {Path(run_dir) / 'chunk/songs'} have different "
+                          f"lengths {sorted(lengths)}; re-run the chunk step")
+    return arrays, lengths.pop()
+
+
+def as_float(chunk: np.ndarray) -> np.ndarray:
+    """A stored chunk [C, S] (float32 or int16) as float32 in [-1, 1]."""
+    if chunk.dtype == np.int16:
+        return chunk.astype(np.float32) / 32768.0
+    return np.asarray(chunk, dtype=np.float32)
+
+
+def train_songs(run_dir: Path) -> list[str]:
+    """Songs of the train split (inputs and targets of pairs/train.jsonl)."""
+    path = Path(run_dir) / "pairs" / "train.jsonl"
+    if not path.exists():
+        raise EncodeError(f"{path} not found: encode.augment.variants > 0 needs the pairs step "
+                          "first (augmented variants are written for train songs only)")
+    songs = set()
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            songs.update((rec["song"], rec["target_song"]))
+    return sorted(songs)
+
+
+# --- plan --------------------------------------------------------------------------------
+def plan_signature(codec: Codec, arrays: dict[str, np.ndarray], samples: int, cfg: Config,
+                   aug_songs: list[str]) -> str:
+    """Hash of everything that decides shard contents; a change invalidates old shards."""
+    payload = {"codec": codec.describe(), "songs": {s: a.shape[0] for s, a in arrays.items()},
+               "samples": samples, "shard_size": cfg.encode.shard_size,
+               "augment": vars(cfg.encode.augment) if aug_songs else None,
+               "aug_songs": aug_songs, "seed": cfg.run.seed}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def prepare_shard_dir(shards: Path, plan_file: Path, signature: str) -> None:
+    """Drop temp leftovers of killed writes; when the plan changed, drop all shards and the
+    step's MLflow child run id (a resumed run keeps its child run; a changed one starts anew,
+    since MLflow refuses to change a logged param)."""
+    shards.mkdir(parents=True, exist_ok=True)
+    for path in shards.iterdir():
+        if is_temp_file(path):
+            log.info("encode: removing leftover temp file %s", path.name)
+            path.unlink()
+    old = json.loads(plan_file.read_text())["signature"] if plan_file.exists() else None
+    if old != signature:
+        stale = [p for p in shards.iterdir() if p.suffix in (".npy", ".json")]
+        if stale:
+            log.info("encode: inputs or settings changed; removing %d old shard files", len(stale))
+        for path in stale:
+            path.unlink()
+        if old is not None:
+            (plan_file.parent / CHILD_FILE).unlink(missing_ok=True)
+        atomic_write_json(plan_file, {"signature": signature})
+
+
+# --- encoding ----------------------------------------------------------------------------
+def encode_batches(codec: Codec, waves: Iterator[np.ndarray], batch_size: int,
+                   device: torch.device) -> Iterator[np.ndarray]:
+    """Encode [C, S] float32 waves in batches; yield float16 [128, T] latents in order."""
+    def flush(batch: list[np.ndarray]) -> Iterator[np.ndarray]:
+        x = torch.from_numpy(np.stack(batch))
+        if device.type == "cuda":
+            x = x.pin_memory().to(device, non_blocking=True)
+        z = codec.encode(x).float().cpu().numpy()
+        out = z.astype(LATENT_DTYPE)
+        if not np.isfinite(out).all():
+            raise EncodeError(f"codec {codec.name} gave non-finite latents (or values beyond "
+                              f"float16's range, max |z| = {np.abs(z).max():.3g})")
+        yield from out
+
+    batch: list[np.ndarray] = []
+    for wave in waves:
+        batch.append(wave)
+        if len(batch) == batch_size:
+            yield from flush(batch)
+            batch = []
+    if batch:
+        yield from flush(batch)
+
+
+def write_shard(path: Path, latents: Iterator[np.ndarray], rows: int, dim: int,
+                frames: int) -> None:
+    """Fill a [rows, dim, frames] float16 .npy through a memmap in a temp file, then rename."""
+    with atomic_path(path) as tmp:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=LATENT_DTYPE,
+                                       shape=(rows, dim, frames))
+        n = 0
+        for n, z in enumerate(latents, 1):
+            mm[n - 1] = z
+        if n != rows:
+            raise EncodeError(f"{path.name}: got {n} latents for {rows} rows")
+        mm.flush()
+        del mm
+
+
+def _plain(obj):
+    """JSON-safe copy of augmentation params (numpy scalars -> Python numbers)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def augmented_waves(rows: list[tuple[str, int]], arrays: dict[str, np.ndarray],
+                    all_songs: list[str], train: list[str], samples: int, cfg: Config,
+                    meta: list, dropped: dict, on_source=lambda: None) -> Iterator[np.ndarray]:
+    """Yield the kept variants of each (song, chunk) row, recording [song, chunk, params]
+    per variant in `meta` and dropped counts in `dropped`. The rng of a row depends only on
+    (seed, song, chunk), and a mixed-in second song is another train song, so the result
+    is the same whichever shard the row falls in."""
+    from data_prep.augment import fit_length, make_variants
+
+    for song, chunk in rows:
+        rng = np.random.default_rng([cfg.run.seed, 2, all_songs.index(song), chunk])
+        others = [s for s in train if s != song]
+        other = None
+        if others:
+            pick = others[int(rng.integers(len(others)))]
+            other = as_float(arrays[pick][int(rng.integers(arrays[pick].shape[0]))])
+        kept, counts = make_variants(as_float(arrays[song][chunk]), cfg.data.sample_rate,
+                                     cfg.encode.augment, rng, other)
+        for key, value in (counts or {}).items():
+            dropped[key] = dropped.get(key, 0) + int(value)
+        for wave, params in kept:
+            meta.append([song, chunk, _plain(params)])
+            yield fit_length(np.asarray(wave, dtype=np.float32), samples)
+        on_source()
+
+
+def run(cfg: Config, run_dir: Path) -> dict:
+    """Encode all chunks (and train-song variants) into run_dir/encode; return the manifest."""
+    from pipeline.config import write_resolved
+
+    run_dir = Path(run_dir)
+    out, shards = run_dir / "encode", run_dir / "encode" / "shards"
+    enc = cfg.encode
+    arrays, samples = open_songs(run_dir)
+    song_ids = sorted(arrays)
+    aug_ids = [s for s in train_songs(run_dir) if s in arrays] if enc.augment.variants > 0 else []
+    codec = load_codec(enc, cfg.data.sample_rate, enc.device, seed=cfg.run.seed)
+    device = getattr(codec, "device", torch.device("cpu"))
+    frames, dim = codec.frames(samples), codec.latent_dim
+    signature = plan_signature(codec, arrays, samples, cfg, aug_ids)
+    prepare_shard_dir(shards, out / "plan.json", signature)
+    write_resolved(cfg, out)
+
+    rows = [(s, c) for s in song_ids for c in range(arrays[s].shape[0])]
+    clean = [rows[i:i + enc.shard_size] for i in range(0, len(rows), enc.shard_size)]
+    aug_rows = [(s, c) for s in aug_ids for c in range(arrays[s].shape[0])]
+    per_aug = max(1, enc.shard_size // max(1, enc.augment.variants))
+    aug = [aug_rows[i:i + per_aug] for i in range(0, len(aug_rows), per_aug)]
+    todo_clean = [k for k in range(len(clean)) if not (shards / CLEAN_PATTERN.format(k)).exists()]
+    todo_aug = [k for k in range(len(aug))
+                if not (shards / AUG_PATTERN.format(k)).with_suffix(".json").exists()]
+    work = sum(len(clean[k]) for k in todo_clean) + sum(len(aug[k]) for k in todo_aug)
+    log.info("encode: %d chunks of %d songs -> %d shards (%d to do), %d train chunks to "
+             "augment x%d, codec %s on %s", len(rows), len(song_ids), len(clean),
+             len(todo_clean), sum(len(aug[k]) for k in todo_aug), enc.augment.variants,
+             codec.name, device)
+
+    with step_run(cfg, run_dir, "encode") as tr:
+        tr.log_params({"encode": {k: v for k, v in vars(enc).items() if k != "augment"},
+                       "augment": vars(enc.augment), "codec": codec.describe(),
+                       "data.sample_rate": cfg.data.sample_rate})
+        start = time.perf_counter()
+        bar = tqdm(total=work, unit="chunk", desc="encode", file=sys.stderr, disable=work == 0)
+        with torch.inference_mode():
+            for k in todo_clean:
+                waves = (as_float(arrays[s][c]) for s, c in clean[k])
+                latents = encode_batches(codec, _ticking(waves, bar), enc.batch_size, device)
+                write_shard(shards / CLEAN_PATTERN.format(k), latents, len(clean[k]), dim, frames)
+            for k in todo_aug:
+                meta: list = []
+                dropped: dict = {}
+                waves = augmented_waves(aug[k], arrays, song_ids, aug_ids, samples, cfg,
+                                        meta, dropped, lambda: bar.update(1))
+                latents = list(encode_batches(codec, waves, enc.batch_size, device))
+                path = shards / AUG_PATTERN.format(k)
+                write_shard(path, iter(latents), len(latents), dim, frames)
+                atomic_write_json(path.with_suffix(".json"), {"rows": meta, "dropped": dropped,
+                                                              "sources": len(aug[k])})
+        bar.close()
+        elapsed = time.perf_counter() - start
+        manifest = build_manifest(codec, shards, clean, aug, frames, samples, cfg, signature)
+        atomic_write_json(out / "manifest.json", manifest)
+        audio_s = work * samples / cfg.data.sample_rate
+        tr.log_metrics({"chunks": len(rows), "chunks_encoded": work, "encode_seconds": elapsed,
+                        "chunks_per_second": work / elapsed if work else 0.0,
+                        "x_real_time": audio_s / elapsed if work else 0.0,
+                        "augmented_rows": manifest["augment"]["rows"]})
+        tr.log_artifact(out / "manifest.json")
+    log.info("encode: %d chunks in %.1f s (%.1fx real time) -> %s", work, elapsed,
+             audio_s / elapsed if work and elapsed else 0.0, out)
+    return manifest
+
+
+def _ticking(items: Iterator, bar: tqdm) -> Iterator:
+    for item in items:
+        yield item
+        bar.update(1)
+
+
+def build_manifest(codec: Codec, shards: Path, clean: list, aug: list, frames: int,
+                   samples: int, cfg: Config, signature: str) -> dict:
+    """The encode manifest (docs/formats.md) from the plan and the finished shards."""
+    index: dict[str, list] = {}
+    for k, group in enumerate(clean):
+        for row, (song, chunk) in enumerate(group):
+            index.setdefault(song, []).append([k, row])
+    augmented: dict[str, list] = {}
+    aug_shards, dropped, kept = [], {}, 0
+    for k in range(len(aug)):
+        info = json.loads((shards / AUG_PATTERN.format(k)).with_suffix(".json").read_text())
+        aug_shards.append({"file": f"shards/{AUG_PATTERN.format(k)}", "rows": len(info["rows"])})
+        for row, (song, chunk, params) in enumerate(info["rows"]):
+            per_chunk = augmented.setdefault(song, [[] for _ in index[song]])
+            per_chunk[chunk].append([k, row, params])
+        for key, value in info["dropped"].items():
+            dropped[key] = dropped.get(key, 0) + value
+        kept += len(info["rows"])
+    return {**codec.describe(), "frames": frames, "chunk_samples": samples,
+            "dtype": np.dtype(LATENT_DTYPE).name, "songs": len(index),
+            "rows": sum(len(g) for g in clean),
+            "shards": [{"file": f"shards/{CLEAN_PATTERN.format(k)}", "rows": len(g)}
+                       for k, g in enumerate(clean)],
+            "index": index, "aug_shards": aug_shards, "augmented": augmented,
+            "augment": {"variants": cfg.encode.augment.variants, "rows": kept,
+                        "dropped": dropped, "songs": len(augmented)},
+            "seed": cfg.run.seed, "signature": signature}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", required=True, type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    manifest = run(load_run_config(args.run_dir), args.run_dir)
+    print(json.dumps({k: manifest[k] for k in ("codec", "kind", "pretrained", "songs", "rows",
+                                               "frames")}
+                     | {"augmented_rows": manifest["augment"]["rows"]}))
+
+
+if __name__ == "__main__":
+    main()
