@@ -196,3 +196,15 @@ def test_bad_config_and_input_name_the_problem(aug_cfg):
         augment.make_variants(wave[0], SR, dataclasses.replace(aug_cfg, variants=1), rng, None)
     with pytest.raises(ValueError, match="too short"):
         augment.time_stretch(wave[:, :1000], 1.1, N_FFT, HOP)
+
+
+def test_same_seed_same_params_on_every_chunk_of_equal_length(aug_cfg):
+    """Draws do not depend on the audio, so a per-song seed gives every chunk of the song the
+    same variant types and parameters (input and target of a pair stay consistent)."""
+    cfg = dataclasses.replace(aug_cfg, variants=6, gain_db=[-3.0, 3.0])
+    first = augment.make_variants(tone(440.0, seconds=1.0, amp=0.2), SR, cfg,
+                                  np.random.default_rng(5), tone(200.0, seconds=1.0))
+    second = augment.make_variants(tone(523.0, seconds=1.0, amp=0.25), SR, cfg,
+                                   np.random.default_rng(5), tone(150.0, seconds=1.0))
+    assert len(first[0]) == 6
+    assert [p for _, p in first[0]] == [p for _, p in second[0]]

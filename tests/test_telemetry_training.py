@@ -1,0 +1,43 @@
+"""End to end: a tiny real stage-1 training logs the telemetry and MLflow system metrics."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from mlflow import MlflowClient
+
+from jobs.train import load_config
+from pipeline.tracking import tracking_uri
+from tests import train_fixtures as tf
+
+
+@pytest.mark.slow  # a training subprocess plus a fresh MLflow store: about 40 s here
+def test_telemetry_and_system_metrics_in_the_run_of_a_tiny_training(tmp_path):
+    run_dir = tf.make_run(tmp_path, "mlflow.system_metrics=true")
+    env = tf.env()
+    env["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "0.1"  # the stage lasts about a second
+    env["MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING"] = "1"
+    done = subprocess.run(tf.train_cmd(run_dir, "stage1"), cwd=tf.REPO, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    run_id = json.loads((run_dir / "stage1" / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(tracking_uri(load_config(run_dir)))
+    epochs = load_config(run_dir).stage1.epochs
+    for name in ("samples_per_s", "data_wait_share", "peak_mem_mb",
+                 "grad_norm_g_before", "grad_norm_g_after"):
+        history = client.get_metric_history(run_id, name)
+        assert sorted(m.step for m in history) == list(range(1, epochs + 1)), name
+    for m in client.get_metric_history(run_id, "samples_per_s"):
+        assert m.value > 0
+    for m in client.get_metric_history(run_id, "data_wait_share"):
+        assert 0.0 <= m.value <= 1.0
+    for m in client.get_metric_history(run_id, "peak_mem_mb"):
+        assert m.value > 50  # a python process with torch loaded holds far more than 50 MiB
+    lines = [json.loads(x) for x in (run_dir / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["samples_per_s"] > 0 for x in lines] == [True] * epochs
+
+    system = [k for k in client.get_run(run_id).data.metrics if k.startswith("system/")]
+    assert "system/cpu_utilization_percentage" in system
+    assert "system/system_memory_usage_megabytes" in system
