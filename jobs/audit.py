@@ -7,8 +7,10 @@ fakes, the same two on reals, the D loss (mean of the real and fake BCE terms, s
 the confusion point), and D's accuracy over reals and fakes together.
 
 Fakes are G_N's outputs for validation inputs mixed with noise by the pure-GAN curriculum
-at epoch N (`jobs.curriculum.gan_alpha`): that is the distribution the discriminators were
-trained to reject. Once the curriculum reaches alpha = 1 this is generation from noise.
+at epoch N (`jobs.curriculum.gan_alpha`, `mix_noise`), as jobs/train.py makes them: that is
+the distribution the discriminators were trained to reject, so the audit measures what they
+learned. Once the curriculum reaches alpha = 1 this is generation from noise; with the
+curriculum off it is continuation of real validation chunks. Reals are the clean targets.
 The batch has the training batch size (audit.batch_size), as minibatch discrimination
 scores a sample against the rest of its batch.
 """
@@ -109,7 +111,8 @@ def fixed_batches(cfg: Config, run_dir: Path, generator: torch.nn.Module, gen_ep
     model = getattr(generator, "module", generator).eval()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)
-        fakes = model(mix_noise(inputs, alpha, gen), reals, cfg.stage3.mode)["output"].float()
+        fakes = model(mix_noise(inputs, alpha, gen), mix_noise(reals, alpha, gen),
+                      cfg.stage3.mode)["output"].float()
     info = {"batch": len(picks), "asked_batch": batch_size, "alpha": alpha,
             "mode": cfg.stage3.mode, "val_pairs": len(pairs)}
     return fakes, reals, info

@@ -267,7 +267,10 @@ def log_samples(cfg: Config, run_dir: Path, generator: torch.nn.Module, epoch: i
     """Log generate.n samples (audio + spectrogram) under samples/epoch_<n>/ in MLflow.
 
     The noise uses generate.seed every time, so epochs are compared on the same inputs;
-    the trainer's RNG state is left untouched."""
+    the trainer's RNG state is left untouched. The files are written to a temporary folder
+    (any stage may call this) and kept in the MLflow artifact store."""
+    import tempfile
+
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     codec = run_codec(cfg, manifest)
@@ -276,12 +279,12 @@ def log_samples(cfg: Config, run_dir: Path, generator: torch.nn.Module, epoch: i
                        manifest["frames"], cfg.generate.temperature, seed)
     latents = synthesize(generator, noise.to(next(generator.parameters()).device))
     waves = codec.decode(latents).float()
-    out_dir = run_dir / "stage3" / "samples" / f"epoch_{epoch}"
     titles = [f"epoch {epoch} sample {i}" for i in range(len(noise))]
-    for record in write_samples(out_dir, latents, waves, codec.sample_rate,
-                                manifest["frame_rate"], manifest["codec"], titles):
-        tracker.log_artifact(record["wav"], f"samples/epoch_{epoch}")
-        tracker.log_artifact(record["png"], f"samples/epoch_{epoch}")
+    with tempfile.TemporaryDirectory(prefix="samples-") as tmp:
+        for record in write_samples(Path(tmp), latents.cpu(), waves.cpu(), codec.sample_rate,
+                                    manifest["frame_rate"], manifest["codec"], titles):
+            tracker.log_artifact(record["wav"], f"samples/epoch_{epoch}")
+            tracker.log_artifact(record["png"], f"samples/epoch_{epoch}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
