@@ -82,3 +82,33 @@ def test_spectral_flatness_and_rms():
     assert ev.rms_db(sine) == pytest.approx(20 * np.log10(0.5 / 2 ** 0.5), abs=0.01)
     with pytest.raises(ValueError, match="shorter"):
         ev.spectral_flatness(sine[:100], 1024)
+
+
+def test_evaluate_step_writes_metrics_and_logs_them(tmp_path):
+    import json
+
+    import mlflow
+
+    from pipeline.tracking import tracking_uri
+    from tests.tiny_gan_run import build_run, save_stage3
+
+    cfg, run_dir = build_run(tmp_path)
+    save_stage3(cfg, run_dir, [1, 2])
+    result = ev.run(cfg, run_dir)
+    saved = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    m = saved["metrics"]
+    assert saved["n_generated"] == saved["n_real"] == cfg.evaluate.n == 4
+    assert saved["epoch"] == 2 and saved["codec"] == "mel"
+    assert all(np.isfinite(v) for v in m.values())
+    assert m["frechet_generated_vs_real"] > 0 and m["frechet_train_vs_real"] > 0
+    # an untrained generator is far from music: farther than training music is from held-out
+    assert m["frechet_generated_vs_real"] > m["frechet_train_vs_real"]
+    assert m["frechet_ratio"] == pytest.approx(m["frechet_generated_vs_real"]
+                                               / m["frechet_train_vs_real"])
+    assert 0 < m["flatness_real"] < 1 and 0 < m["flatness_generated"] < 1
+    assert result["metrics"] == m
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    run_id = json.loads((run_dir / "evaluate" / "mlflow_run.json").read_text())["run_id"]
+    logged = client.get_run(run_id).data.metrics
+    assert logged["diversity_ratio"] == pytest.approx(m["diversity_ratio"])
+    assert [a.path for a in client.list_artifacts(run_id, "evaluate")] == ["evaluate/metrics.json"]
