@@ -21,9 +21,11 @@ import re
 import sys
 import time
 import unicodedata
-from dataclasses import asdict, dataclass
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import yaml
@@ -314,31 +316,61 @@ def format_summary(summary: dict) -> str:
 
 # --- the step ----------------------------------------------------------------------------
 
+def _crashed(job: tuple) -> tuple[dict, bool]:
+    """The record of a file whose decode killed its worker process (e.g. a decoder segfault)."""
+    path, _, spec, _, _ = job
+    return ({"source": str(path), "song_id": "", "sha256": "", "duration_s": 0.0,
+             "sample_rate": 0, "channels": 0, "chunks": 0, "array": "", "status": "failed",
+             "reason": "decode error: the decoding process died on this file",
+             "config_hash": spec.config_hash}, False)
+
+
+def pool_results(jobs: list[tuple], workers: int,
+                 func: Callable[[tuple], tuple[dict, bool]] = process_file) -> Iterator:
+    """func(job) for every job in worker processes, in completion order. If a worker dies,
+    the unfinished jobs are run one per process until the culprit is found and recorded as
+    failed; then the full pool resumes. A plain Pool would hang instead."""
+    ctx = multiprocessing.get_context("fork")
+    pending, isolate = list(jobs), False
+    while pending:
+        batch, pending = (pending[:1], pending[1:]) if isolate else (pending, [])
+        finished: set = set()
+        with ProcessPoolExecutor(1 if isolate else min(workers, len(batch)), mp_context=ctx) as ex:
+            futures = {ex.submit(func, job): job for job in batch}
+            try:
+                for fut in as_completed(futures):
+                    result = fut.result()
+                    finished.add(fut)
+                    yield result
+            except BrokenProcessPool:
+                for fut in futures:
+                    if fut not in finished and fut.done() and fut.exception() is None:
+                        finished.add(fut)
+                        yield fut.result()
+                if isolate:  # this job alone killed its process: it is the culprit
+                    finished.update(futures)
+                    yield _crashed(batch[0])
+                isolate = not isolate
+        pending = [job for fut, job in futures.items() if fut not in finished] + pending
+
+
 def _run_jobs(jobs: list[tuple], workers: int, journal: Path, desc: str) -> tuple[list, int]:
-    """Process files (in a pool when workers > 1), journaling each record as it lands."""
+    """Process files (in worker processes when workers > 1), journaling each record."""
     records, reused, hours = [], 0, 0.0
-    bar = tqdm(total=len(jobs), unit="file", desc=desc, file=sys.stderr, dynamic_ncols=True)
-    pool = None
     if workers > 1 and len(jobs) > 1:
-        pool = multiprocessing.get_context("fork").Pool(min(workers, len(jobs)))
-        results = pool.imap_unordered(process_file, jobs)
+        results: Iterable = pool_results(jobs, workers)
     else:
-        results = map(process_file, jobs)
-    try:
-        with open(journal, "a", encoding="utf-8") as fh:
-            for rec, was_reused in results:
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                fh.flush()
-                records.append(rec)
-                reused += was_reused
-                hours += rec["duration_s"] / 3600 if rec["status"] == "ok" else 0.0
-                bar.set_postfix_str(f"{hours:.3f} h audio", refresh=False)
-                bar.update(1)
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        results = map(process_file, jobs)  # one file or one worker: no fork, smallest memory
+    with tqdm(total=len(jobs), unit="file", desc=desc, file=sys.stderr, dynamic_ncols=True) as bar, \
+            open(journal, "a", encoding="utf-8") as fh:
+        for rec, was_reused in results:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            fh.flush()
+            records.append(rec)
+            reused += was_reused
+            hours += rec["duration_s"] / 3600 if rec["status"] == "ok" else 0.0
+            bar.set_postfix_str(f"{hours:.3f} h audio", refresh=False)
+            bar.update(1)
     return records, reused
 
 

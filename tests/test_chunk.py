@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from data_prep.chunk import (collect_manifest, list_sources, run_shard, shard_files,
-                             summarize)
+from data_prep.chunk import (ChunkSpec, collect_manifest, list_sources, pool_results,
+                             run_shard, shard_files, summarize)
 from pipeline.config import write_resolved
 from tests.conftest import make_cfg
 
@@ -207,6 +207,24 @@ def test_killed_run_leaves_no_array_a_rerun_trusts(tmp_path, shared_mlflow_uri):
     assert summary["ok"] == 1 and summary["reused"] == 0 and summary["chunks"] == 120
     assert not list(songs.glob(".*.tmp-*"))               # the leftover was cleaned up
     assert np.load(next(songs.glob("*.npy")), mmap_mode="r").shape == (120, 1, 48000)
+
+
+def die_on_b(job: tuple) -> tuple[dict, bool]:
+    """A job function whose process really dies (SIGKILL) on the file named b.mp3."""
+    if Path(job[0]).name == "b.mp3":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.05)
+    return {"source": str(job[0]), "status": "ok"}, False
+
+
+def test_a_worker_that_dies_is_recorded_and_the_rest_goes_on(tmp_path, shared_mlflow_uri):
+    spec = ChunkSpec.from_cfg(cfg_for(tmp_path, shared_mlflow_uri))
+    jobs = [(tmp_path / f"{name}.mp3", f"{name}.mp3", spec, tmp_path, None) for name in "abcdef"]
+    results = [rec for rec, _ in pool_results(jobs, 2, die_on_b)]
+    assert sorted(Path(r["source"]).name for r in results) == [f"{n}.mp3" for n in "abcdef"]
+    dead = [r for r in results if r["status"] != "ok"]
+    assert len(dead) == 1 and Path(dead[0]["source"]).name == "b.mp3"
+    assert dead[0]["status"] == "failed" and "process died" in dead[0]["reason"]
 
 
 def test_cli_without_a_resolved_config_fails_clearly(tmp_path):
