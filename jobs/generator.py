@@ -73,13 +73,19 @@ class Generator(nn.Module):
         return mode == "continuation" and self.agent is not None
 
     def network(self, x: Tensor) -> dict[str, Tensor]:
-        """One pass through core (+ VAE bottleneck): {"output"} (+ {"kl"})."""
+        """One pass through core (+ VAE bottleneck): {"output"} (+ {"kl"}).
+
+        The output is the core's prediction PLUS the per-channel time mean of `x`: the
+        network predicts the deviation from the chunk's average level (spectrum), so it
+        starts from "keep the input's average level" instead of spending its first epochs
+        learning offsets (log-mel latents sit around -5). The skip has no parameters.
+        """
         h = self.core.encode(x)
         out: dict[str, Tensor] = {}
         if self.vae is not None:
             bottleneck = self.vae(h)
             h, out["kl"] = bottleneck["hidden"], bottleneck["kl"]
-        out["output"] = self.core.decode(h)
+        out["output"] = self.core.decode(h) + x.mean(dim=-1, keepdim=True)
         return out
 
     def forward(self, inputs: Tensor, targets: Tensor | None, mode: str,

@@ -65,6 +65,16 @@ def test_continuation_does_not_see_targets():
     assert torch.equal(a, b) and torch.equal(a, c)
 
 
+def test_output_is_deviation_from_input_time_mean():
+    model = build_generator(tiny_cfg(), ["transformer"]).eval()
+    with torch.no_grad():
+        model.core.out_proj.weight.zero_()
+        model.core.out_proj.bias.zero_()
+    x = torch.randn(2, 128, T) - 5.0
+    out = model(x, None, "continuation")["output"]
+    assert torch.allclose(out, x.mean(dim=-1, keepdim=True).expand_as(x))
+
+
 def test_parameter_names_chain_across_stages():
     cfg = creative_cfg()
     shapes = [{k: v.shape for k, v in build_generator(cfg, parts).state_dict().items()}
@@ -120,8 +130,7 @@ def test_creative_output_rms_follows_input():
     model = build_generator(creative_cfg(), ["transformer"]).eval()
     x, y = batch()
     out = model(x, y, "creative")["output"]
-    # the raw network output of this untrained model is far quieter than x, so the last
-    # cascade stage's scale is clamped at 1.5: the ratio can never exceed it
+    # each cascade stage rescales toward x's RMS with a factor of at most 1.5
     ratio = (rms(out) / rms(x)).flatten()
     assert (ratio <= RMS_SCALE_MAX * 1.0001).all() and (ratio > 0).all()
 
@@ -191,10 +200,10 @@ def test_generator_learns_on_tiny_batch():
     torch.manual_seed(0)
     cfg = creative_cfg()
     model = build_generator(cfg, ["transformer", "vae"])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     x, y = batch(b=2)
     losses = []
-    for _ in range(15):
+    for _ in range(12):
         out = model(x, y, "creative")
         total = generator_losses(out, x, y, cfg.stage2, "mel", kl_weight=1.0)["total"]
         opt.zero_grad()
