@@ -59,7 +59,7 @@ class SubDiscriminator(nn.Module):
         self.minibatch = (MinibatchDiscrimination(cfg.channels, cfg.minibatch_features,
                                                   cfg.minibatch_kernel_dim, sn)
                           if cfg.minibatch_features > 0 else None)
-        self.head = _maybe_sn(nn.Linear(cfg.channels + max(cfg.minibatch_features, 0), 1), sn)
+        self.head = _maybe_sn(nn.Linear(cfg.channels + cfg.minibatch_features, 1), sn)
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         if self.scale > 1:
@@ -81,8 +81,13 @@ class MultiScaleDiscriminator(nn.Module):
         super().__init__()
         if not cfg.scales or any(int(s) < 1 for s in cfg.scales):
             raise ValueError(f"model.discriminator.scales must be integers >= 1, got {cfg.scales}")
-        if cfg.layers < 1 or cfg.channels < 1:
-            raise ValueError("model.discriminator.layers and .channels must be >= 1")
+        if cfg.layers < 1 or cfg.channels < 1 or cfg.stride < 1:
+            raise ValueError("model.discriminator.layers, .channels and .stride must be >= 1, "
+                             f"got {cfg.layers}, {cfg.channels}, {cfg.stride}")
+        if cfg.minibatch_features < 0 or (cfg.minibatch_features and cfg.minibatch_kernel_dim < 1):
+            raise ValueError("model.discriminator.minibatch_features must be >= 0 and "
+                             "minibatch_kernel_dim >= 1 when it is on, got "
+                             f"{cfg.minibatch_features}, {cfg.minibatch_kernel_dim}")
         self.subs = nn.ModuleList(SubDiscriminator(cfg, in_channels, int(s)) for s in cfg.scales)
 
     def forward(self, x: Tensor) -> tuple[list[Tensor], list[list[Tensor]]]:

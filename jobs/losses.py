@@ -95,13 +95,16 @@ def generator_losses(out: dict[str, Tensor], inputs: Tensor, targets: Tensor,
     if codec not in CODECS:
         raise ValueError(f"encode.codec must be one of {CODECS}, got {codec!r}")
     lc = stage.loss
-    output = out["output"]
+    # float32 throughout: under bf16 autocast the model's outputs are bf16, which the FFT
+    # does not accept and which is too coarse for small loss differences
+    output, inputs, targets = out["output"].float(), inputs.float(), targets.float()
     creative = stage.mode == "creative"
     if creative:
         if "mask_in" not in out:
             raise ValueError("stage mode is creative but the generator output has no masks "
                              "(was it run with mode='creative'?)")
-        reference = creative_reference(inputs, targets, out["mask_in"], out["mask_tgt"])
+        m_in, m_tgt = out["mask_in"].float(), out["mask_tgt"].float()
+        reference = creative_reference(inputs, targets, m_in, m_tgt)
     else:
         reference = targets
     if output.shape != reference.shape:
@@ -126,7 +129,6 @@ def generator_losses(out: dict[str, Tensor], inputs: Tensor, targets: Tensor,
              + lc.spectral * terms["spectral"] + lc.output_range * terms["output_range"])
 
     if creative:
-        m_in, m_tgt = out["mask_in"], out["mask_tgt"]
         terms["balance"] = mask_balance(m_in, m_tgt)
         terms["coverage"] = mask_coverage(m_in, m_tgt)
         terms["temporal_diversity"] = mask_temporal_diversity(m_in, m_tgt, lc.min_mask_std)
@@ -140,7 +142,7 @@ def generator_losses(out: dict[str, Tensor], inputs: Tensor, targets: Tensor,
     if "kl" in out:
         if stage.kl is None:
             raise ValueError("the generator has a VAE but the stage has no kl section")
-        kl_levels = out["kl"]
+        kl_levels = out["kl"].float()
         floored = torch.clamp(kl_levels, min=stage.kl.free_bits)
         for i, value in enumerate(kl_levels):
             terms[f"kl_level_{i}"] = value.detach()

@@ -138,6 +138,16 @@ def test_creative_reference_is_the_mask_blend(cfg):
         generator_losses({"output": y}, x, y, st, "mel", 1.0)
 
 
+def test_bf16_outputs_give_float32_losses(cfg):
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 128, 30), torch.randn(2, 128, 30)
+    masks = torch.rand(2, 2, 128, 30)
+    out = {"output": y.bfloat16(), "mask_in": masks[0].bfloat16(),
+           "mask_tgt": masks[1].bfloat16(), "kl": torch.tensor([0.2, 0.3, 0.4]).bfloat16()}
+    terms = generator_losses(out, x, y, stage(cfg, "stage2", mode="creative"), "mel", 1.0)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in terms.values())
+
+
 def test_free_bits_floor_each_level(cfg):
     y = torch.zeros(1, 128, 10)
     kl = torch.tensor([0.01, 0.5, 0.05], requires_grad=True)

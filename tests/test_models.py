@@ -183,6 +183,15 @@ def test_discriminator_shapes_and_spectral_norm():
     assert not any(parametrize.is_parametrized(m) for m in plain.modules())
 
 
+def test_discriminator_config_errors():
+    with pytest.raises(ValueError, match="minibatch_features"):
+        build_discriminator(tiny_cfg("model.discriminator.minibatch_features=-1"))
+    with pytest.raises(ValueError, match="kernel_size"):
+        build_discriminator(tiny_cfg("model.discriminator.kernel_size=4"))
+    with pytest.raises(ValueError, match="scales"):
+        build_discriminator(tiny_cfg("model.discriminator.scales=[]"))
+
+
 def test_minibatch_discrimination_depends_on_batch():
     torch.manual_seed(0)
     x, y = batch()
