@@ -81,14 +81,14 @@ def _write_config(cfg: Config, run_dir: Path, live: dict[str, str]) -> None:
 
 def _clear(run_dir: Path, step: str) -> None:
     folder = run_dir / step
-    if folder.exists():
+    if folder.is_dir():
         shutil.rmtree(folder)
         log(f"{step}: removed outputs made under another signature (or forced)")
 
 
 def _stale(run_dir: Path, step: str, signature: str, num_shards: Optional[int]) -> bool:
     """True when the step folder holds outputs of another signature."""
-    if not (run_dir / step).exists():
+    if not (run_dir / step).is_dir():
         return False
     if num_shards is not None and any((run_dir / step).glob("step_state-*.json")):
         found = [state.read_marker(p) for p in (run_dir / step).glob("step_state-*.json")]

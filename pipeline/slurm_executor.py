@@ -131,9 +131,17 @@ def _scontrol_state(job_id: str) -> list[tuple[str, str, str]]:
     for line in res.stdout.splitlines():
         fields = dict(re.findall(r"(\w+)=(\S*)", line))
         if "JobState" in fields:
-            found.append((fields["JobState"], fields.get("RunTime", ""),
+            found.append((fields["JobState"], _short_time(fields.get("RunTime", "")),
                           fields.get("Reason", "") if fields.get("Reason") != "None" else ""))
     return found
+
+
+def _short_time(text: str) -> str:
+    """scontrol's 00:01:05 as squeue shows it: 1:05."""
+    parts = text.split(":")
+    while len(parts) > 2 and parts[0] in ("00", "0"):
+        parts.pop(0)
+    return ":".join([parts[0].lstrip("0") or "0", *parts[1:]]) if parts and parts[0] else text
 
 
 _ORDER = ["FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED", "PREEMPTED",

@@ -112,7 +112,7 @@ def write_marker(run_dir: Path, step: str, state: str, signature: str,
 def read_marker(path: Path) -> Optional[dict]:
     try:
         return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError):   # missing, or a stray file where the folder goes
         return None
 
 

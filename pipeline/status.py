@@ -34,8 +34,10 @@ def find_run(run: Optional[str], root: str = "runs") -> Path:
 
 
 def _elapsed(seconds: float) -> str:
+    """Like squeue's TIME column: M:SS, or H:MM:SS from an hour on."""
     seconds = int(max(0, seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+    hours, minutes, secs = seconds // 3600, seconds % 3600 // 60, seconds % 60
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def latest_metric(run_dir: Path, step: str) -> str:

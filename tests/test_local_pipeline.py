@@ -1,0 +1,71 @@
+"""The whole DAG on the local executor (subprocesses on this machine), skip and resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline import state
+from tests.pipeline_fixtures import copy_steps, pipeline_cli, rows_by_step, submit
+
+ALL = ["chunk", "pairs", "encode", "stage1", "stage2", "stage3", "audit"]
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("local") / "runs"
+    res = submit("all", root, "full", cluster="local")
+    return {"root": root, "run_dir": root / "full", "res": res}
+
+
+def test_local_dag_completes_with_the_same_outputs_and_state(local_run):
+    res, run_dir = local_run["res"], local_run["run_dir"]
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = rows_by_step(run_dir)
+    assert {s: rows[s]["state"] for s in ALL} == {s: "COMPLETED" for s in ALL}
+    data = state.load(run_dir)
+    assert data["cluster"] == "local" and data["target_steps"] == ALL
+    assert all(data["steps"][s]["job_id"].startswith("local-") for s in ALL)
+    assert (run_dir / "logs" / "chunk" / "chunk-1-of-2.log").exists()
+    assert (run_dir / "logs" / "stage2" / "stage2.log").exists()
+    assert (run_dir / "stage3" / "last.pt").exists() and (run_dir / "audit" / "audit.csv").exists()
+    assert json.loads((run_dir / "mlflow_parent.json").read_text())["run_id"]
+
+
+def test_second_prepare_skips_every_step(local_run):
+    run_dir = local_run["run_dir"]
+    before = state.load(run_dir)["steps"]
+    res = submit("prepare", local_run["root"], "full", cluster="local")
+    assert res.returncode == 0, res.stderr
+    for step in ("chunk", "pairs", "encode"):
+        assert f"{step}: complete with signature" in res.stderr
+    assert " ran as job " not in res.stderr
+    after = state.load(run_dir)["steps"]
+    assert all(after[s]["history"] == before[s]["history"] for s in ("chunk", "pairs", "encode"))
+
+
+def test_force_reruns_the_step_and_its_dependents(local_run):
+    res = submit("prepare", local_run["root"], "full", "--force", "encode", cluster="local")
+    assert res.returncode == 0, res.stderr
+    assert "chunk: complete with signature" in res.stderr
+    assert "pairs: complete with signature" in res.stderr
+    assert "encode: ran as job" in res.stderr
+
+
+def test_failed_step_stops_the_chain_and_resume_finishes_it(local_run):
+    root = local_run["root"]
+    copy_steps(local_run["run_dir"], root / "broken", ["chunk"])
+    (root / "broken" / "pairs").write_text("a stray file where the pairs folder must go")
+    res = submit("prepare", root, "broken", cluster="local")
+    assert res.returncode == 1
+    assert "pairs: FAILED" in res.stderr and "encode" not in res.stderr.split("pairs: FAILED")[1]
+    rows = rows_by_step(root / "broken")
+    assert rows["pairs"]["state"] == "FAILED" and "encode" not in rows
+
+    (root / "broken" / "pairs").unlink()
+    res = pipeline_cli("resume", "--job", "pairs", "--run", str(root / "broken"))
+    assert res.returncode == 0, res.stderr
+    rows = rows_by_step(root / "broken")
+    assert rows["pairs"]["state"] == rows["encode"]["state"] == "COMPLETED"
+    again = pipeline_cli("resume", "--job", "pairs", "--run", str(root / "broken"))
+    assert again.returncode == 0 and "pairs: complete; nothing to resume" in again.stderr
