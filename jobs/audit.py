@@ -163,12 +163,18 @@ def read_rows(rows: list[dict], collapse_d_loss: float, chance_margin: float) ->
         findings.append(f"D collapse: the D loss is far below ln 2 = {LN2:.3f} at every epoch "
                         f"(max {max(r['d_loss'] for r in rows):.3f} < {collapse_d_loss}); D "
                         "dominates and G gets little useful gradient")
-    if abs(last["accuracy"] - 0.5) <= chance_margin:
+    at_chance = abs(last["accuracy"] - 0.5) <= chance_margin
+    separated = last["real_prob"] - last["fake_prob"] > chance_margin
+    probs = f"D(real) {last['real_prob']:.2f}, D(fake) {last['fake_prob']:.2f}"
+    if at_chance and not separated:
         if verdict == "healthy":
             verdict = "unclear"
         findings.append(f"the newest discriminator (epoch {last['d_epoch']}) cannot tell reals from "
-                        f"fakes: accuracy {last['accuracy']:.2f}, D(real) {last['real_prob']:.2f}, "
-                        f"D(fake) {last['fake_prob']:.2f}")
+                        f"fakes: accuracy {last['accuracy']:.2f}, {probs}")
+    elif at_chance:
+        findings.append(f"the newest discriminator (epoch {last['d_epoch']}) ranks reals above fakes "
+                        f"({probs}) but its 0.5 threshold puts both on one side: accuracy "
+                        f"{last['accuracy']:.2f}")
     findings.append(f"newest D loss {last['d_loss']:.3f} (ln 2 = {LN2:.3f} is the confusion "
                     "point; a healthy D loss oscillates in 0.4-0.7)")
     return verdict, findings

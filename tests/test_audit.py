@@ -135,7 +135,10 @@ def row(epoch, fake_bce, d_loss=0.6, accuracy=0.8, real_prob=0.7, fake_prob=0.4)
     ([row(1, 0.2), row(2, 0.3), row(3, 0.5)], "trouble", "all discriminators are fooled"),
     ([row(1, 1.2), row(2, 1.3), row(3, 2.5)], "trouble", "all discriminators are strict"),
     ([row(1, 0.2, d_loss=0.05), row(2, 2.0, d_loss=0.1)], "trouble", "D collapse"),
-    ([row(1, 0.2), row(2, 0.9, accuracy=0.55)], "unclear", "cannot tell reals from fakes"),
+    ([row(1, 0.2), row(2, 0.9, accuracy=0.55, real_prob=0.5, fake_prob=0.45)], "unclear",
+     "cannot tell reals from fakes"),
+    ([row(1, 0.2), row(2, 0.9, accuracy=0.5, real_prob=0.9, fake_prob=0.55)], "healthy",
+     "ranks reals above fakes"),
     ([row(1, 1.0), row(2, 0.3), row(3, 0.4)], "unclear", "mixed"),
 ])
 def test_reading_in_the_seed_terms(rows, verdict, phrase):
