@@ -79,6 +79,8 @@ class Generator(nn.Module):
         network predicts the deviation from the chunk's average level (spectrum), so it
         starts from "keep the input's average level" instead of spending its first epochs
         learning offsets (log-mel latents sit around -5). The skip has no parameters.
+        Under the pure-GAN curriculum the zero-mean noise shrinks this skip, so the core
+        itself learns to supply the level as alpha grows.
         """
         h = self.core.encode(x)
         out: dict[str, Tensor] = {}
