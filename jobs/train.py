@@ -477,6 +477,16 @@ def baselines(ctx: Context, train_set: PairDataset, val_loader: DataLoader) -> d
 # outputs: metrics.jsonl, samples, exit.json
 # ---------------------------------------------------------------------------------------
 
+def rank_param_spread(ctx: Context) -> float:
+    """Largest difference of any parameter tensor's sum between rank 0 and another rank:
+    0.0 when DDP kept the replicas identical, as it must (logged every epoch)."""
+    models = [ctx.g] + ([ctx.d] if ctx.d is not None else [])
+    sums = [float(p.detach().double().sum()) for m in models for p in m.parameters()]
+    every = distributed.gather(sums, ctx.info)
+    return max((abs(a - b) for other in every[1:] for a, b in zip(every[0], other)),
+               default=0.0)
+
+
 def append_metrics(path: Path, epoch: int, metrics: dict) -> None:
     """Rewrite metrics.jsonl atomically with this epoch's line (dropping any line for this
     epoch or later left by a run that was killed after writing it)."""
@@ -649,6 +659,7 @@ def train_epochs(ctx: Context, progress: Progress, train_set: PairDataset,
         if ctx.opt_d is not None:
             metrics["lr_d"] = ctx.opt_d.param_groups[0]["lr"]
         metrics |= base
+        metrics["rank_param_max_diff"] = rank_param_spread(ctx)
         val = metrics["val_loss"]
         progress.val_history.append(val)
         improved = val < progress.best_val

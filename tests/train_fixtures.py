@@ -119,3 +119,15 @@ def run(cmd: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
 def load_ckpt(path: Path) -> dict:
     from jobs import checkpoint
     return checkpoint.load(path)
+
+
+def mlflow_store(tmp: Path) -> str:
+    """Create (once) a sqlite MLflow store under tmp and return its URI for
+    `mlflow.tracking_uri=...`; building the tables costs seconds, so tests share one."""
+    path = Path(tmp) / "mlflow.db"
+    uri = f"sqlite:///{path}"
+    if not path.exists():
+        import mlflow
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("musicgen")
+    return uri
