@@ -95,9 +95,15 @@ evaluate: $(STAMP)  ## Fréchet distance, diversity, spectral flatness and RMS a
 bench: $(STAMP)  ## Benchmarks against baselines; writes docs/benchmarks.md
 	$(PY) -m bench.run_all
 
-mlflow-server: $(STAMP)  ## MLflow tracking server for a cluster (jobs log over HTTP)
-	.venv/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db \
-	  --artifacts-destination $(CURDIR)/runs/mlartifacts --host $(or $(HOST),0.0.0.0) --port $(or $(PORT),5000)
+# Host headers the server accepts (jobs reach it by this machine's name or a private IP).
+MLFLOW_ALLOWED_HOSTS ?= localhost:*,127.0.0.1:*,$(shell hostname):*,$(shell hostname -f):*,10.*,192.168.*,172.*
+
+mlflow-server: $(STAMP)  ## MLflow tracking server for a cluster: jobs log to http://<this host>:PORT
+	mkdir -p runs
+	@echo "jobs log here with: OVERRIDES=mlflow.tracking_uri=http://$$(hostname -f):$(or $(PORT),5000)"
+	.venv/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow-server.db \
+	  --artifacts-destination $(CURDIR)/runs/mlartifacts --host $(or $(HOST),0.0.0.0) --port $(or $(PORT),5000) \
+	  --allowed-hosts '$(MLFLOW_ALLOWED_HOSTS)'
 
 mlflow-ui: $(STAMP)  ## Look at the runs: http://127.0.0.1:5000
 	.venv/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --port $(or $(PORT),5000)
