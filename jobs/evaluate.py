@@ -154,7 +154,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
 
     run_dir = Path(run_dir)
     ev = cfg.evaluate
-    path = default_checkpoint(cfg, run_dir, ev.checkpoint)
+    path = default_checkpoint(run_dir, ev.checkpoint)
     manifest = read_manifest(run_dir)
     generator, state = load_generator(path, manifest)
     real = real_latents(run_dir, "val", ev.n, ev.seed)

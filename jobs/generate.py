@@ -37,7 +37,7 @@ class MismatchError(ValueError):
 
 # --- checkpoints and codec ------------------------------------------------------------
 
-def default_checkpoint(cfg: Config, run_dir: Path, configured: str = "") -> Path:
+def default_checkpoint(run_dir: Path, configured: str = "") -> Path:
     """The configured checkpoint path, else the run's stage3 best.pt."""
     return Path(configured) if configured else Path(run_dir) / "stage3" / "best.pt"
 
@@ -230,7 +230,7 @@ def run(cfg: Config, run_dir: Path, checkpoint: Optional[Path] = None, n: Option
         out_dir: Optional[Path] = None, start_chunk: bool = False) -> dict:
     """Generate n samples from a checkpoint into out_dir (default run_dir/generate)."""
     run_dir = Path(run_dir)
-    path = Path(checkpoint) if checkpoint else default_checkpoint(cfg, run_dir, cfg.generate.checkpoint)
+    path = Path(checkpoint) if checkpoint else default_checkpoint(run_dir, cfg.generate.checkpoint)
     n = cfg.generate.n if n is None else n
     temperature = cfg.generate.temperature if temperature is None else temperature
     seed = cfg.generate.seed if seed is None else seed
