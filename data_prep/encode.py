@@ -63,10 +63,10 @@ def open_songs(run_dir: Path) -> tuple[dict[str, np.ndarray], int]:
 
 
 def as_float(chunk: np.ndarray) -> np.ndarray:
-    """A stored chunk [C, S] (float32 or int16) as float32 in [-1, 1]."""
+    """A stored chunk [C, S] (float32 or int16) as a writable float32 copy in [-1, 1]."""
     if chunk.dtype == np.int16:
         return chunk.astype(np.float32) / 32768.0
-    return np.asarray(chunk, dtype=np.float32)
+    return np.array(chunk, dtype=np.float32)
 
 
 def train_songs(run_dir: Path) -> list[str]:

@@ -26,22 +26,15 @@ class PairsError(ValueError):
 
 
 def ok_songs(run_dir: Path) -> dict[str, dict]:
-    """song_id -> chunk manifest line, for every status 'ok' line of every chunk shard."""
-    files = sorted((Path(run_dir) / "chunk").glob("manifest-*-of-*.jsonl"))
-    if not files:
+    """song_id -> chunk manifest record, for every ok record with chunks (sorted by id)."""
+    from data_prep.chunk import collect_manifest
+
+    records = collect_manifest(Path(run_dir))
+    if not records:
         raise PairsError(f"no chunk manifests (manifest-*-of-*.jsonl) in {Path(run_dir) / 'chunk'}: "
                          "run the chunk step first")
-    songs: dict[str, dict] = {}
-    for path in files:
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PairsError(f"{path}:{n}: not valid JSON ({exc})") from None
-            if entry.get("status") == "ok" and int(entry.get("chunks", 0)) > 0:
-                songs[entry["song_id"]] = entry
+    songs = {r["song_id"]: r for r in records
+             if r.get("status") == "ok" and int(r.get("chunks", 0)) > 0}
     return dict(sorted(songs.items()))
 
 
@@ -126,7 +119,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
     summary = {"songs": {k: len(s) for k, (s, _) in splits.items()},
                "pairs": {k: len(p) for k, (_, p) in splits.items()},
                "song_ids": {k: s for k, (s, _) in splits.items()},
-               "songs_without_pairs": sorted(set(chunks) - set(usable)),
+               "songs_train": len(train_songs), "songs_val": len(val_songs),
+               "pairs_train": len(splits["train"][1]), "pairs_val": len(splits["val"][1]),
+               "unpaired_songs": sorted(set(chunks) - set(usable)),
                "seed": cfg.run.seed, "gap": pc.gap, "stride": pc.stride,
                "val_fraction": pc.val_fraction,
                "mode": "shuffle_targets" if pc.shuffle_targets else "continuation"}
@@ -140,9 +135,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
         write_resolved(cfg, out)
         tr.log_params({"pairs": vars(pc), "seed": cfg.run.seed})
         tr.log_metrics({"songs_train": len(train_songs), "songs_val": len(val_songs),
-                        "pairs_train": summary["pairs"]["train"],
-                        "pairs_val": summary["pairs"]["val"],
-                        "songs_without_pairs": len(summary["songs_without_pairs"])})
+                        "pairs_train": summary["pairs_train"],
+                        "pairs_val": summary["pairs_val"],
+                        "unpaired_songs": len(summary["unpaired_songs"])})
         tr.log_artifact(out / "summary.json")
     log.info("pairs: %d train pairs (%d songs), %d val pairs (%d songs) -> %s",
              summary["pairs"]["train"], len(train_songs), summary["pairs"]["val"],

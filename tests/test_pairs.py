@@ -38,7 +38,8 @@ def _run(tmp_path: Path, uri: str, *overrides: str):
 def test_split_is_by_song_and_pairs_are_consecutive(tmp_path, uri):
     tiny_cfg, run_dir = _run(tmp_path, uri)
     write_chunks(run_dir, _songs(10), 24000, 0.1, shards=2,
-                 extra_lines=[{"song_id": "bad", "status": "failed", "chunks": 0}])
+                 extra_lines=[{"source": "/data/bad.mp3", "song_id": "bad", "status": "failed",
+                               "reason": "decode error", "chunks": 0}])
     summary = pairs.run(tiny_cfg, run_dir)
     train, val = _read(run_dir / "pairs/train.jsonl"), _read(run_dir / "pairs/val.jsonl")
     train_songs, val_songs = {p["song"] for p in train}, {p["song"] for p in val}
