@@ -1,7 +1,7 @@
 """Step 3, encode: every chunk of every ok song once into float16 latent shards + a manifest.
 
 The row order (songs sorted by id, chunks in order) and so each shard's contents are fixed
-up front by a plan whose signature covers the inputs, codec and settings; a shard file
+up front by a plan whose signatures cover the inputs, codec and settings; a shard file
 exists only once it is whole (memmap into a temp file, then rename), so a re-run after a
 kill encodes only the missing shards. With encode.augment.variants = K > 0, each chunk of
 each TRAIN song (from pairs/train.jsonl) also gets up to K augmented variants
@@ -84,35 +84,45 @@ def train_songs(run_dir: Path) -> list[str]:
 
 
 # --- plan --------------------------------------------------------------------------------
-def plan_signature(codec: Codec, arrays: dict[str, np.ndarray], samples: int, cfg: Config,
-                   aug_songs: list[str]) -> str:
-    """Hash of everything that decides shard contents; a change invalidates old shards."""
-    payload = {"codec": codec.describe(), "songs": {s: a.shape[0] for s, a in arrays.items()},
-               "samples": samples, "shard_size": cfg.encode.shard_size,
-               "augment": vars(cfg.encode.augment) if aug_songs else None,
-               "aug_songs": aug_songs, "seed": cfg.run.seed}
+def _digest(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def prepare_shard_dir(shards: Path, plan_file: Path, signature: str) -> None:
-    """Drop temp leftovers of killed writes; when the plan changed, drop all shards and the
-    step's MLflow child run id (a resumed run keeps its child run; a changed one starts anew,
-    since MLflow refuses to change a logged param)."""
+def plan_signatures(codec: Codec, arrays: dict[str, np.ndarray], samples: int, cfg: Config,
+                    aug_songs: list[str]) -> dict[str, str]:
+    """Hashes of what decides the clean and the augmented shards' contents, kept apart so
+    that new augmentation settings (or a new split) never re-encode the clean latents."""
+    clean = {"codec": codec.describe(), "songs": {s: a.shape[0] for s, a in arrays.items()},
+             "samples": samples, "shard_size": cfg.encode.shard_size}
+    aug = {**clean, "augment": vars(cfg.encode.augment), "aug_songs": aug_songs,
+           "seed": cfg.run.seed, "sample_rate": cfg.data.sample_rate}
+    return {"clean": _digest(clean), "aug": _digest(aug) if aug_songs else ""}
+
+
+def prepare_shard_dir(shards: Path, plan_file: Path, signatures: dict[str, str]) -> None:
+    """Drop temp leftovers of killed writes, and the shards of a plan part that changed;
+    on any change also forget the step's MLflow child run (a resumed run keeps it; a
+    changed one starts anew, since MLflow refuses to change a logged param)."""
     shards.mkdir(parents=True, exist_ok=True)
     for path in shards.iterdir():
         if is_temp_file(path):
             log.info("encode: removing leftover temp file %s", path.name)
             path.unlink()
-    old = json.loads(plan_file.read_text())["signature"] if plan_file.exists() else None
-    if old != signature:
-        stale = [p for p in shards.iterdir() if p.suffix in (".npy", ".json")]
-        if stale:
-            log.info("encode: inputs or settings changed; removing %d old shard files", len(stale))
-        for path in stale:
-            path.unlink()
-        if old is not None:
+    old = json.loads(plan_file.read_text()) if plan_file.exists() else {}
+    prefixes = {"clean": "latents-", "aug": "aug-"}
+    for part, prefix in prefixes.items():
+        if old.get(part) != signatures[part]:
+            stale = [p for p in shards.iterdir() if p.name.startswith(prefix)]
+            if stale:
+                log.info("encode: %s inputs or settings changed; removing %d old shard files",
+                         part, len(stale))
+            for path in stale:
+                path.unlink()
+    if old != signatures:
+        if old:
             (plan_file.parent / CHILD_FILE).unlink(missing_ok=True)
-        atomic_write_json(plan_file, {"signature": signature})
+            (plan_file.parent / "manifest.json").unlink(missing_ok=True)  # stale until rebuilt
+        atomic_write_json(plan_file, signatures)
 
 
 # --- encoding ----------------------------------------------------------------------------
@@ -205,8 +215,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
     codec = load_codec(enc, cfg.data.sample_rate, enc.device, seed=cfg.run.seed)
     device = getattr(codec, "device", torch.device("cpu"))
     frames, dim = codec.frames(samples), codec.latent_dim
-    signature = plan_signature(codec, arrays, samples, cfg, aug_ids)
-    prepare_shard_dir(shards, out / "plan.json", signature)
+    signatures = plan_signatures(codec, arrays, samples, cfg, aug_ids)
+    prepare_shard_dir(shards, out / "plan.json", signatures)
     write_resolved(cfg, out)
 
     rows = [(s, c) for s in song_ids for c in range(arrays[s].shape[0])]
@@ -246,7 +256,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                                                               "sources": len(aug[k])})
         bar.close()
         elapsed = time.perf_counter() - start
-        manifest = build_manifest(codec, shards, clean, aug, frames, samples, cfg, signature)
+        manifest = build_manifest(codec, shards, clean, aug, frames, samples, cfg, signatures)
         atomic_write_json(out / "manifest.json", manifest)
         audio_s = work * samples / cfg.data.sample_rate
         tr.log_metrics({"chunks": len(rows), "chunks_encoded": work, "encode_seconds": elapsed,
@@ -266,7 +276,7 @@ def _ticking(items: Iterator, bar: tqdm) -> Iterator:
 
 
 def build_manifest(codec: Codec, shards: Path, clean: list, aug: list, frames: int,
-                   samples: int, cfg: Config, signature: str) -> dict:
+                   samples: int, cfg: Config, signatures: dict[str, str]) -> dict:
     """The encode manifest (docs/formats.md) from the plan and the finished shards."""
     index: dict[str, list] = {}
     for k, group in enumerate(clean):
@@ -291,7 +301,7 @@ def build_manifest(codec: Codec, shards: Path, clean: list, aug: list, frames: i
             "index": index, "aug_shards": aug_shards, "augmented": augmented,
             "augment": {"variants": cfg.encode.augment.variants, "rows": kept,
                         "dropped": dropped, "songs": len(augmented)},
-            "seed": cfg.run.seed, "signature": signature}
+            "seed": cfg.run.seed, "signatures": signatures}
 
 
 def main(argv: list[str] | None = None) -> None:

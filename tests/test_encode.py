@@ -142,6 +142,16 @@ def test_augmented_variants_for_train_songs_only(tmp_path, uri):
     assert kept == manifest["augment"]["rows"] and kept + dropped == 2 * 2 * len(train)
     for info in manifest["aug_shards"]:
         assert np.load(run_dir / "encode" / info["file"], mmap_mode="r").shape[0] == info["rows"]
+    # new augmentation settings redo the variants only, never the clean latents
+    clean_shard = run_dir / "encode" / manifest["shards"][0]["file"]
+    stamp = clean_shard.stat().st_mtime_ns
+    fewer = make_cfg(tmp_path, uri, *MEL, "encode.augment.variants=1",
+                     "encode.augment.types=[gain]")
+    again = encode.run(fewer, run_dir)
+    assert clean_shard.stat().st_mtime_ns == stamp and again["index"] == manifest["index"]
+    assert again["augment"]["rows"] == len(train) * 2
+    assert all(p["type"] == "gain" for per_song in again["augmented"].values()
+               for per_chunk in per_song for _, _, p in per_chunk)
     # clean latents of the same chunks are untouched by augmentation
     clean = make_cfg(tmp_path / "clean", uri, *MEL)
     clean_dir = Path(clean.run.root) / clean.run.name
