@@ -144,8 +144,8 @@ def to_channels(data: np.ndarray, channels: int) -> np.ndarray:
     have = data.shape[1]
     if have == channels:
         return data
-    if channels == 1:
-        return data.mean(axis=1, keepdims=True)
+    if channels == 1:  # a matrix product: much faster than mean(axis=1) over [n, 2]
+        return data @ np.full((have, 1), 1.0 / have, dtype=data.dtype)
     if have == 1:
         return np.repeat(data, channels, axis=1)
     return data[:, :channels]
