@@ -244,6 +244,10 @@ def transfer_from_previous(ctx: "Context") -> dict:
     if index == 0:
         return {"source": None, "note": "stage1 starts from freshly initialised weights"}
     source = ctx.run_dir / STAGES[index - 1] / "best.pt"
+    gate = source.parent / "gate.json"
+    if gate.exists() and not json.loads(gate.read_text()).get("passed", False):
+        raise BadInput(f"{STAGES[index - 1]} did not pass its validation gate "
+                       f"({json.loads(gate.read_text()).get('reason')}); not starting {ctx.stage}")
     if not source.exists():
         raise BadInput(f"{ctx.stage} starts from {source}, which does not exist "
                        f"(run {STAGES[index - 1]} first)")

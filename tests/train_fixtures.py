@@ -1,10 +1,11 @@
 """A tiny synthetic run folder for the trainer's tests: resolved config, latent shards,
 manifest and pairs index in the documented formats (docs/formats.md), no audio.
 
-The latents have structure the model can learn: each song is a low-rank random sequence
-x0 = W z (W fixed, z smooth per song) and chunk c is (-1)^c * x0, so every continuation
-is exactly minus its start chunk. Repeating the start chunk is then the worst answer and
-the mean latent (about 0) a mediocre one; a model that learns `-x` beats both.
+The latents have structure the model can learn: each song has a per-channel level m
+(like a spectrum) and a low-rank zero-mean motion v = W z (W fixed, z smooth per song);
+chunk c is m + (-1)^c v, so every continuation is its start chunk's level minus its
+motion. Repeating the start chunk is then the worst answer and the mean latent a mediocre
+one; a model that learns to flip the motion beats both.
 """
 from __future__ import annotations
 
@@ -54,11 +55,12 @@ def make_run(tmp: Path, *overrides: str, songs: int = 6, chunks: int = 5, frames
     rows, index = [], {}
     for s in ids:
         z = np.cumsum(rng.standard_normal((rank, frames)), axis=1) / np.sqrt(frames) * 2
-        x0 = w @ z
+        motion = w @ (z - z.mean(axis=1, keepdims=True))
+        level = rng.standard_normal((dim, 1))
         index[s] = []
         for c in range(chunks):
             index[s].append([0, len(rows)])
-            rows.append(((-1) ** c) * x0)
+            rows.append(level + ((-1) ** c) * motion)
     enc = run_dir / "encode"
     atomic_save_npy(enc / "shards" / "latents-00000.npy", np.stack(rows).astype(np.float16))
     augmented, aug_rows = {}, []
