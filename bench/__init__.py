@@ -1,0 +1,1 @@
+"""Benchmarks against baselines in the style of the original scripts (`make bench`)."""
