@@ -601,7 +601,7 @@ def run_stage(cfg: Config, run_dir: Path, stage: str, info: distributed.DistInfo
             if not result["passed"]:
                 code, reason = EXIT_GATE, f"{stage} validation gate failed: {result['reason']}"
             else:
-                reason = f"{stage} done; gate passed: {result['reason']}"
+                reason = f"{stage} done ({reason}); gate passed: {result['reason']}"
         if info.is_main:
             write_exit(out_dir, code, reason, progress)
             tracker.set_tags({"exit_code": code, "exit_reason": reason})

@@ -2,6 +2,7 @@
 batch, keep identical replicas, and two torchrun agents can act as two nodes."""
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 
@@ -60,7 +61,10 @@ def free_port() -> int:
 
 
 def test_two_torchrun_agents_as_two_nodes(tmp_path, store):
-    run_dir = make_run(tmp_path, f"mlflow.tracking_uri={store}", "stage1.epochs=1")
+    # a high learning rate makes the val loss bounce, so early stopping (patience 2) ends
+    # the stage after epoch 5 of 6: both nodes must leave the loop together and exit 0
+    run_dir = make_run(tmp_path, f"mlflow.tracking_uri={store}", "stage1.epochs=6",
+                       "stage1.lr=0.3", "stage1.grad_clip=0.0", "stage1.early_stop_patience=2")
     port = free_port()
     procs = []
     for node in (0, 1):
@@ -73,5 +77,10 @@ def test_two_torchrun_agents_as_two_nodes(tmp_path, store):
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     state = load_ckpt(run_dir / "stage1" / "last.pt")
-    assert state["world_size"] == 2 and state["epoch"] == 1
-    assert metrics_lines(run_dir, "stage1")[0]["rank_param_max_diff"] == 0.0
+    assert state["world_size"] == 2
+    history = state["val_history"]
+    best = history.index(min(history))
+    assert state["epoch"] == best + 1 + 2 < 6, history       # stopped 2 epochs after the best
+    exit_info = json.loads((run_dir / "stage1" / "exit.json").read_text())
+    assert exit_info["exit_code"] == 0 and state["epoch"] == exit_info["epoch"]
+    assert all(m["rank_param_max_diff"] == 0.0 for m in metrics_lines(run_dir, "stage1"))
