@@ -18,6 +18,7 @@ class Codec(Protocol):
     sample_rate: int
     frame_rate: int
     latent_dim: int
+    device: torch.device
 
     def frames(self, samples: int) -> int: ...
     def encode(self, wave: torch.Tensor) -> torch.Tensor: ...

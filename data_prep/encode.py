@@ -202,6 +202,33 @@ def augmented_waves(rows: list[tuple[str, int]], arrays: dict[str, np.ndarray],
         on_source()
 
 
+def encode_clean(codec: Codec, arrays: dict[str, np.ndarray], groups: list, todo: list[int],
+                 shards: Path, batch_size: int, frames: int, bar: tqdm) -> None:
+    """Write the missing clean shards `todo` (each a list of (song, chunk) rows)."""
+    for k in todo:
+        waves = (as_float(arrays[s][c]) for s, c in groups[k])
+        latents = encode_batches(codec, _ticking(waves, bar), batch_size, codec.device)
+        write_shard(shards / CLEAN_PATTERN.format(k), latents, len(groups[k]),
+                    codec.latent_dim, frames)
+
+
+def encode_augmented(codec: Codec, arrays: dict[str, np.ndarray], groups: list,
+                     todo: list[int], shards: Path, train: list[str], samples: int,
+                     cfg: Config, frames: int, bar: tqdm) -> None:
+    """Write the missing augmented shards `todo`; each .json (written last) marks one done."""
+    all_songs = sorted(arrays)
+    for k in todo:
+        meta: list = []
+        dropped: dict = {}
+        waves = augmented_waves(groups[k], arrays, all_songs, train, samples, cfg, meta,
+                                dropped, lambda: bar.update(1))
+        latents = list(encode_batches(codec, waves, cfg.encode.batch_size, codec.device))
+        path = shards / AUG_PATTERN.format(k)
+        write_shard(path, iter(latents), len(latents), codec.latent_dim, frames)
+        atomic_write_json(path.with_suffix(".json"),
+                          {"rows": meta, "dropped": dropped, "sources": len(groups[k])})
+
+
 def run(cfg: Config, run_dir: Path) -> dict:
     """Encode all chunks (and train-song variants) into run_dir/encode; return the manifest."""
     from pipeline.config import write_resolved
@@ -210,16 +237,14 @@ def run(cfg: Config, run_dir: Path) -> dict:
     out, shards = run_dir / "encode", run_dir / "encode" / "shards"
     enc = cfg.encode
     arrays, samples = open_songs(run_dir)
-    song_ids = sorted(arrays)
     aug_ids = [s for s in train_songs(run_dir) if s in arrays] if enc.augment.variants > 0 else []
     codec = load_codec(enc, cfg.data.sample_rate, enc.device, seed=cfg.run.seed)
-    device = getattr(codec, "device", torch.device("cpu"))
-    frames, dim = codec.frames(samples), codec.latent_dim
+    frames = codec.frames(samples)
     signatures = plan_signatures(codec, arrays, samples, cfg, aug_ids)
     prepare_shard_dir(shards, out / "plan.json", signatures)
     write_resolved(cfg, out)
 
-    rows = [(s, c) for s in song_ids for c in range(arrays[s].shape[0])]
+    rows = [(s, c) for s in sorted(arrays) for c in range(arrays[s].shape[0])]
     clean = [rows[i:i + enc.shard_size] for i in range(0, len(rows), enc.shard_size)]
     aug_rows = [(s, c) for s in aug_ids for c in range(arrays[s].shape[0])]
     per_aug = max(1, enc.shard_size // max(1, enc.augment.variants))
@@ -227,45 +252,37 @@ def run(cfg: Config, run_dir: Path) -> dict:
     todo_clean = [k for k in range(len(clean)) if not (shards / CLEAN_PATTERN.format(k)).exists()]
     todo_aug = [k for k in range(len(aug))
                 if not (shards / AUG_PATTERN.format(k)).with_suffix(".json").exists()]
-    work = sum(len(clean[k]) for k in todo_clean) + sum(len(aug[k]) for k in todo_aug)
-    log.info("encode: %d chunks of %d songs -> %d shards (%d to do), %d train chunks to "
-             "augment x%d, codec %s on %s", len(rows), len(song_ids), len(clean),
-             len(todo_clean), sum(len(aug[k]) for k in todo_aug), enc.augment.variants,
-             codec.name, device)
+    n_clean = sum(len(clean[k]) for k in todo_clean)
+    n_aug = sum(len(aug[k]) for k in todo_aug)
+    log.info("encode: %d chunks of %d songs in %d shards, %d chunks to encode, %d train chunks "
+             "to augment x%d; codec %s on %s", len(rows), len(arrays), len(clean), n_clean,
+             n_aug, enc.augment.variants, codec.name, codec.device)
 
     with step_run(cfg, run_dir, "encode") as tr:
         tr.log_params({"encode": {k: v for k, v in vars(enc).items() if k != "augment"},
                        "augment": vars(enc.augment), "codec": codec.describe(),
                        "data.sample_rate": cfg.data.sample_rate})
-        start = time.perf_counter()
-        bar = tqdm(total=work, unit="chunk", desc="encode", file=sys.stderr, disable=work == 0)
+        bar = tqdm(total=n_clean + n_aug, unit="chunk", desc="encode", file=sys.stderr,
+                   disable=n_clean + n_aug == 0)
         with torch.inference_mode():
-            for k in todo_clean:
-                waves = (as_float(arrays[s][c]) for s, c in clean[k])
-                latents = encode_batches(codec, _ticking(waves, bar), enc.batch_size, device)
-                write_shard(shards / CLEAN_PATTERN.format(k), latents, len(clean[k]), dim, frames)
-            for k in todo_aug:
-                meta: list = []
-                dropped: dict = {}
-                waves = augmented_waves(aug[k], arrays, song_ids, aug_ids, samples, cfg,
-                                        meta, dropped, lambda: bar.update(1))
-                latents = list(encode_batches(codec, waves, enc.batch_size, device))
-                path = shards / AUG_PATTERN.format(k)
-                write_shard(path, iter(latents), len(latents), dim, frames)
-                atomic_write_json(path.with_suffix(".json"), {"rows": meta, "dropped": dropped,
-                                                              "sources": len(aug[k])})
+            start = time.perf_counter()
+            encode_clean(codec, arrays, clean, todo_clean, shards, enc.batch_size, frames, bar)
+            clean_s = time.perf_counter() - start
+            encode_augmented(codec, arrays, aug, todo_aug, shards, aug_ids, samples, cfg,
+                             frames, bar)
+            aug_s = time.perf_counter() - start - clean_s
         bar.close()
-        elapsed = time.perf_counter() - start
         manifest = build_manifest(codec, shards, clean, aug, frames, samples, cfg, signatures)
         atomic_write_json(out / "manifest.json", manifest)
-        audio_s = work * samples / cfg.data.sample_rate
-        tr.log_metrics({"chunks": len(rows), "chunks_encoded": work, "encode_seconds": elapsed,
-                        "chunks_per_second": work / elapsed if work else 0.0,
-                        "x_real_time": audio_s / elapsed if work else 0.0,
+        speed = n_clean * samples / cfg.data.sample_rate / clean_s if n_clean else 0.0
+        tr.log_metrics({"chunks": len(rows), "chunks_encoded": n_clean,
+                        "encode_seconds": clean_s, "x_real_time": speed,
+                        "chunks_per_second": n_clean / clean_s if n_clean else 0.0,
+                        "augmented_sources": n_aug, "augment_seconds": aug_s,
                         "augmented_rows": manifest["augment"]["rows"]})
         tr.log_artifact(out / "manifest.json")
-    log.info("encode: %d chunks in %.1f s (%.1fx real time) -> %s", work, elapsed,
-             audio_s / elapsed if work and elapsed else 0.0, out)
+    log.info("encode: %d chunks in %.1f s (%.1fx real time), %d augmented sources in %.1f s "
+             "-> %s", n_clean, clean_s, speed, n_aug, aug_s, out)
     return manifest
 
 
