@@ -53,16 +53,17 @@ def params_sha256(model: torch.nn.Module) -> str:
     return sha.hexdigest()
 
 
-def load_weights(weights_dir: str | Path) -> tuple[dict, str]:
-    """Read the local 24 kHz state dict after checking its sha256 prefix; return it and the hash."""
-    path = Path(weights_dir) / WEIGHTS_FILE
-    hint = (f"place {WEIGHTS_FILE} there on a machine with internet access "
+def load_weights(weights_dir: str | Path, name: str = WEIGHTS_FILE) -> tuple[dict, str]:
+    """Read a local state dict named `<model>-<sha256 prefix>.th` after checking that prefix;
+    return it and the file's full sha256."""
+    path = Path(weights_dir) / name
+    hint = (f"place {name} there on a machine with internet access "
             "(see `make fetch-weights`), or set encode.weights_dir, or use "
             "encode.pretrained=false for random weights (tests only)")
     if not path.is_file():
         raise WeightsError(f"EnCodec weights not found: {path.resolve()}; {hint}")
     digest = file_sha256(path)
-    expected = WEIGHTS_FILE.rsplit("-", 1)[1].split(".")[0]
+    expected = name.rsplit("-", 1)[1].split(".")[0]
     if not digest.startswith(expected):
         raise WeightsError(f"EnCodec weights file {path.resolve()} has sha256 {digest[:16]}..., "
                            f"expected a hash starting with {expected}; {hint}")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_cfg
-from data_prep.codec_encodec import WEIGHTS_FILE, WeightsError
+from data_prep.codec_encodec import WEIGHTS_FILE, WeightsError, file_sha256, load_weights
 from data_prep.codecs import load_codec
 
 
@@ -125,3 +125,23 @@ def test_wrong_weights_file_is_refused(tmp_path, no_network):
                    f"encode.weights_dir={weights}")
     with pytest.raises(WeightsError, match=r"has sha256 .* expected a hash starting with d7cc33bc"):
         load_codec(cfg.encode, 24000, "cpu")
+
+
+def test_weights_file_with_matching_hash_loads_safely(tmp_path, no_network):
+    """The real file cannot be fetched here, so save a random model under a name carrying
+    its own hash prefix and load it through the same checked, weights_only path."""
+    from encodec import EncodecModel
+
+    torch.manual_seed(0)
+    source = EncodecModel.encodec_model_24khz(pretrained=False)
+    tmp = tmp_path / "w.th"
+    torch.save(source.state_dict(), tmp)
+    name = f"encodec_24khz-{file_sha256(tmp)[:8]}.th"
+    tmp.rename(tmp_path / name)
+    state, digest = load_weights(tmp_path, name)
+    assert digest == file_sha256(tmp_path / name)
+    target = EncodecModel.encodec_model_24khz(pretrained=False)
+    target.load_state_dict(state)
+    x = 0.1 * torch.randn(1, 1, 2400)
+    with torch.inference_mode():
+        assert torch.equal(target.encoder(x), source.encoder(x))
