@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,7 +46,8 @@ def metrics(run_dir, stage):
 
 def test_chain_transfers_weights_stage_to_stage(tmp_path, store, capsys):
     run_dir = make_run(tmp_path, f"mlflow.tracking_uri={store}", "stage2.epochs=1",
-                       "stage3.epochs=2")
+                       "stage3.epochs=2", "stage3.sample_every=2", "generate.n=2",
+                       "generate.griffin_lim_iters=2")
     for stage in ("stage1", "stage2", "stage3"):
         assert run_stage(run_dir, stage) == 0, capsys.readouterr().err[-2000:]
     r1 = read_json(run_dir / "stage1" / "transfer_report.json")
@@ -75,6 +77,11 @@ def test_chain_transfers_weights_stage_to_stage(tmp_path, store, capsys):
     ck = load_ckpt(run_dir / "stage3" / "epoch_2.pt")
     assert ck["discriminator"] and ck["generator"] and ck["codec"]["codec"] == "mel"
     assert ck["parts"] == ["transformer", "vae", "gan"] and ck["config"]["stage3"]["epochs"] == 2
+    # the sample hook ran (jobs.generate.log_samples) at epoch 2 and logged to MLflow
+    import mlflow
+    run_id = read_json(run_dir / "stage3" / "mlflow_run.json")["run_id"]
+    files = mlflow.MlflowClient(store).list_artifacts(run_id, "samples/epoch_2")
+    assert sorted(Path(f.path).suffix for f in files) == [".png", ".png", ".wav", ".wav"]
     # stage 3 metrics: D health, adversarial terms, schedules
     m3 = metrics(run_dir, "stage3")
     assert "train_total" not in m3[0]              # epoch 1 = D pre-training only
