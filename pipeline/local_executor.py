@@ -25,6 +25,7 @@ class LocalExecutor(Executor):
         self.cfg, self.run_dir, self.dry_run = cfg, Path(run_dir), dry_run
         self._count = 0
         self._current: subprocess.Popen | None = None
+        self.cancelled = False
 
     def command(self, sub: Submission, shard: int | None = None) -> list[str]:
         cmd = [sys.executable, "-m", "pipeline.launch", "--run-dir", str(sub.run_dir),
@@ -51,6 +52,7 @@ class LocalExecutor(Executor):
                 self._current = None
 
     def _forward_term(self, signum: int, _frame) -> None:
+        self.cancelled = True
         if self._current is not None and self._current.poll() is None:
             self._current.send_signal(signum)
 
@@ -62,6 +64,8 @@ class LocalExecutor(Executor):
         for shard in shards:
             name = sub.step if shard is None else f"{sub.step}-{shard}-of-{sub.num_shards}"
             code = self._run_one(self.command(sub, shard), logs / f"{name}.log")
+            if self.cancelled:
+                return Submitted(job_id, "CANCELLED", reason="cancelled (SIGTERM)")
             if code != 0:
                 return Submitted(job_id, "FAILED", reason=f"exit code {code}; log: {logs / name}.log")
         return Submitted(job_id, "COMPLETED")

@@ -153,9 +153,9 @@ def submit_steps(cfg: Config, run_dir: Path, steps: list[str], executor: Executo
         log(f"{name}: {'ran' if executor.name == 'local' else 'submitted'} as job {done.job_id}"
             f"{' after ' + ','.join(after) if after else ''} -> {done.state}"
             f" ({time.monotonic() - began:.1f} s)")
-        if done.state == "FAILED":
-            log(f"{name}: FAILED ({done.reason}); its dependents will not run. Fix the cause, "
-                f"then: python -m pipeline.resume --job {name} --run {run_dir}")
+        if done.state in ("FAILED", "CANCELLED"):
+            log(f"{name}: {done.state} ({done.reason}); its dependents will not run. Fix the "
+                f"cause, then: python -m pipeline.resume --job {name} --run {run_dir}")
             break
     return job_of
 
@@ -178,6 +178,15 @@ def prepare_run(cfg: Config, run_dir: Path, executor: Executor, steps: list[str]
     client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
     for key, value in params.items():
         client.set_tag(parent, f"submit.{key}", str(value))
+
+
+def finish_parent(cfg: Config, run_dir: Path, ok: bool) -> None:
+    """Close the MLflow parent run once a local run has ended (SLURM runs leave it open)."""
+    import mlflow
+    parent = state.load(run_dir).get("mlflow_parent")
+    if parent:
+        mlflow.MlflowClient(tracking.tracking_uri(cfg)).set_terminated(
+            parent, status="FINISHED" if ok else "FAILED")
 
 
 def demo_report(cfg: Config, run_dir: Path) -> None:
@@ -243,7 +252,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     log(f"{args.target}: {len(jobs)} step(s) {'run' if cluster == 'local' else 'queued'} in "
         f"{time.monotonic() - began:.1f} s; run folder {run_dir}")
-    failed = [s for s in steps if s in jobs and state.load(run_dir)["steps"][s].get("state") == "FAILED"]
+    ended = state.load(run_dir)["steps"]
+    failed = [s for s in jobs if ended[s].get("state") in ("FAILED", "CANCELLED")]
+    if cluster == "local":
+        finish_parent(cfg, run_dir, not failed)
     if failed:
         return 1
     if cluster == "slurm":

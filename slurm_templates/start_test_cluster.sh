@@ -17,7 +17,7 @@ running() { pgrep -x "$1" > /dev/null; }
 
 if [ "${1:-start}" = "stop" ]; then
     running slurmctld && scontrol shutdown || true
-    for _ in $(seq 20); do running slurmctld || running slurmd || break; sleep 0.5; done
+    for _ in $(seq 120); do running slurmctld || running slurmd || break; sleep 0.5; done
     if [ -f /run/munge/munged.pid ]; then kill "$(cat /run/munge/munged.pid)" 2> /dev/null || true; fi
     echo "test cluster stopped"
     exit 0
@@ -36,6 +36,8 @@ ClusterName=local
 SlurmctldHost=$H
 GresTypes=gpu
 AuthType=auth/munge
+# A requeued job may start again after cred_expire + 1 s (default 120): short, for tests.
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SlurmUser=root
@@ -45,7 +47,7 @@ SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
 SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=2,sched_min_interval=200000
+SchedulerParameters=bf_interval=2,sched_interval=2,sched_min_interval=200000
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 ReturnToService=2
@@ -61,7 +63,10 @@ CONFEOF
 if [ "$(cat /etc/slurm/slurm.conf 2> /dev/null)" != "$CONF" ]; then
     printf '%s\n' "$CONF" > /etc/slurm/slurm.conf
     echo "NodeName=$H Name=gpu File=/dev/fakegpu[0-3]" > /etc/slurm/gres.conf
-    if running slurmctld; then scontrol reconfigure; fi
+    if running slurmctld || running slurmd; then     # restart: some settings need it
+        scontrol shutdown > /dev/null 2>&1 || true
+        for _ in $(seq 120); do running slurmctld || running slurmd || break; sleep 0.5; done
+    fi
 fi
 running slurmctld || slurmctld
 running slurmd || slurmd

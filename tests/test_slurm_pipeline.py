@@ -134,29 +134,29 @@ def test_usr2_checkpoints_requeues_and_matches_an_uninterrupted_run(full_run, ro
 
 
 def test_failed_step_blocks_dependents_and_resume_completes(full_run, root):
-    copy_steps(full_run["run_dir"], root / "broken", ["chunk", "pairs", "encode", "stage1"])
+    copy_steps(full_run["run_dir"], root / "broken", ["chunk", "pairs", "encode", "stage1", "stage2"])
     run_dir = root / "broken"
-    res = submit("stage3", root, "broken")
+    (run_dir / "stage3").write_text("a stray file where the stage3 folder must go")
+    res = submit("all", root, "broken")
     assert res.returncode == 0, res.stderr
-    (run_dir / "stage2").write_text("a stray file where the stage2 folder must go")
-    rows = wait_for(run_dir, ["stage2", "stage3"], timeout=200)
-    assert rows["stage2"]["state"] == "FAILED", rows
-    assert rows["stage3"]["state"] == "PENDING" and "never starts" in rows["stage3"]["note"]
-    failed_job = rows["stage2"]["job"]
+    rows = wait_for(run_dir, ["stage3", "audit"], timeout=200)
+    assert rows["stage3"]["state"] == "FAILED", rows
+    assert rows["audit"]["state"] == "PENDING" and "never starts" in rows["audit"]["note"]
+    failed_job = rows["stage3"]["job"]
 
     bad = pipeline_cli("resume", "--job", "999999", "--run", str(run_dir))
     assert bad.returncode == 2 and "job '999999'" in bad.stderr
-    done = pipeline_cli("resume", "--job", "stage1", "--run", str(run_dir))
-    assert done.returncode == 0 and "stage1: complete; nothing to resume" in done.stderr
+    done = pipeline_cli("resume", "--job", "stage2", "--run", str(run_dir))
+    assert done.returncode == 0 and "stage2: complete; nothing to resume" in done.stderr
 
-    (run_dir / "stage2").unlink()                                  # the cause, fixed
+    (run_dir / "stage3").unlink()                                  # the cause, fixed
     res = pipeline_cli("resume", "--job", failed_job, "--run", str(run_dir))
     assert res.returncode == 0, res.stderr
-    assert f"cancelling the dependents of the failed attempt: {rows['stage3']['job']}" in res.stderr
-    rows = wait_for(run_dir, ["stage2", "stage3"], timeout=200)
-    assert rows["stage2"]["state"] == rows["stage3"]["state"] == "COMPLETED", rows
-    entry = state.load(run_dir)["steps"]["stage3"]
-    assert len(entry["history"]) == 2 and entry["after"] == [rows["stage2"]["job"]]
+    assert f"cancelling the dependents of the failed attempt: {rows['audit']['job']}" in res.stderr
+    rows = wait_for(run_dir, ["stage3", "audit"], timeout=300)
+    assert rows["stage3"]["state"] == rows["audit"]["state"] == "COMPLETED", rows
+    entry = state.load(run_dir)["steps"]["audit"]
+    assert len(entry["history"]) == 2 and entry["after"] == [rows["stage3"]["job"]]
 
 
 def test_stage3_with_four_gpus_runs_four_processes(full_run, root):
