@@ -583,6 +583,9 @@ def run_stage(cfg: Config, run_dir: Path, stage: str, info: distributed.DistInfo
             base = baselines(ctx, train_set, val_loader)
             if info.is_main:
                 atomic_write_json(out_dir / "baselines.json", base)
+        elif stage == "stage1" and info.is_main:   # creative: the reference depends on masks
+            print("[stage1] trivial baselines skipped: in creative mode the loss compares "
+                  "against the masks' blend, which a baseline has no masks for", file=sys.stderr)
         try:
             code, reason = train_epochs(ctx, progress, train_set, train_loader, train_sampler,
                                         val_loader, tracker, base, stop)

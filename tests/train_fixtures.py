@@ -41,10 +41,12 @@ TINY += ["stage3.gan.d_pretrain_epochs=1", "stage3.gan.adv_ramp_epochs=1",
 
 
 def make_run(tmp: Path, *overrides: str, songs: int = 6, chunks: int = 5, frames: int = 75,
-             variants: int = 0, val_songs: int = 2, seed: int = 0) -> Path:
-    """Write a run folder under tmp; returns its path (config at run_dir/config.resolved.yaml)."""
+             variants: int = 0, val_songs: int = 2, seed: int = 0, tiny: bool = True) -> Path:
+    """Write a run folder under tmp; returns its path (config at run_dir/config.resolved.yaml).
+    tiny=False keeps the demo experiment's model and stage settings."""
     cfg = config.load("demo", "local", [f"run.root={tmp}/runs", "run.name=t",
-                                        "mlflow.system_metrics=false", *TINY, *overrides])
+                                        "mlflow.system_metrics=false",
+                                        *(TINY if tiny else []), *overrides])
     run_dir = Path(cfg.run.root) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     config.write_resolved(cfg, run_dir)
