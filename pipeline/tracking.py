@@ -2,7 +2,9 @@
 
 Steps run in separate jobs (often on other nodes), so the child is tied to its parent by
 the `mlflow.parentRunId` tag, with the parent's id read from the run folder. Only rank 0
-logs; on other ranks every call is a no-op. A step that is resumed keeps its child run.
+logs; on other ranks every call is a no-op. A step resumed with the same resolved config
+keeps its child run; a step rerun with a changed config gets a new one (MLflow params are
+write-once).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from pipeline.atomic import atomic_write_json
+from pipeline.config import section_hash
 from pipeline.schema import Config
 
 PARENT_FILE = "mlflow_parent.json"
@@ -104,7 +107,12 @@ def step_run(cfg: Config, run_dir: Path, step: str, rank: int = 0,
     step_dir = Path(run_dir) / step
     step_dir.mkdir(parents=True, exist_ok=True)
     child_file = step_dir / CHILD_FILE
-    previous = json.loads(child_file.read_text())["run_id"] if child_file.exists() else None
+    config_key = section_hash(cfg)
+    previous = None
+    if child_file.exists():
+        record = json.loads(child_file.read_text())
+        if record.get("config") == config_key:
+            previous = record["run_id"]
     sysm = cfg.mlflow.system_metrics if system_metrics is None else system_metrics
     kwargs: dict = {"log_system_metrics": sysm}
     if previous:
@@ -114,7 +122,8 @@ def step_run(cfg: Config, run_dir: Path, step: str, rank: int = 0,
                       tags={"mlflow.parentRunId": parent, "pipeline.step": step,
                             "pipeline.run": cfg.run.name})
     run = mlflow.start_run(**kwargs)
-    atomic_write_json(child_file, {"run_id": run.info.run_id, "parent": parent})
+    atomic_write_json(child_file, {"run_id": run.info.run_id, "parent": parent,
+                                   "config": config_key})
     tracker = StepTracker(mlflow)
     tracker.run_id = run.info.run_id
     status = "FAILED"
