@@ -103,6 +103,6 @@ def run(sizes: dict, work: Path) -> list[Row]:
             f"{s[f'{codec}_repeats']}. The step took {overhead:+.1f} s beyond the pure "
             f"encoder time ({res['step_s']:.1f} s vs {res['compute_s']:.1f} s); building the "
             f"codec alone takes {res['build_s']:.1f} s of that.",
-            raw={"step_x": step_x, "compute_x": compute_x}))
+            raw={f"{codec}_step_x": step_x, f"{codec}_compute_x": compute_x}))
         shutil.rmtree(root / f"encode-{codec}", ignore_errors=True)
     return rows

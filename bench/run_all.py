@@ -65,7 +65,8 @@ def scaling_section(rows: list[Row], work: Path) -> str:
         measured.update(row.raw)
     shown = {"wait": f"{measured['wait']:.2%}" if "wait" in measured else "n/a",
              "load_us": f"{measured['load_us']:.0f} µs" if "load_us" in measured else "n/a",
-             "encodec_x": f"{measured['step_x']:.1f}x real time" if "step_x" in measured else "n/a",
+             "encodec_x": f"{measured['encodec_step_x']:.1f}x real time"
+             if "encodec_step_x" in measured else "n/a",
              "decode_x": f"{measured['decode_x']:.0f}x real time" if "decode_x" in measured else "n/a"}
     try:
         flops = run_child("bench.scaling:count_flops", {}, work / "logs" / "scaling.log").result
