@@ -25,7 +25,6 @@ callers read exit.json for the reason.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -195,74 +194,6 @@ def codec_description(store: LatentStore, cfg: Config) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-# checkpoints: what goes in, how a stage starts (resume or transfer)
-# ---------------------------------------------------------------------------------------
-
-def checkpoint_state(ctx: "Context", progress: Progress) -> dict:
-    """Everything needed to continue exactly (every rank's RNG; collective: all ranks call)."""
-    rngs = distributed.gather(checkpoint.rng_state(), ctx.info)
-    epoch_next = progress.epoch + 1
-    return {
-        "generator": checkpoint.model_state(ctx.g),
-        "discriminator": checkpoint.model_state(ctx.d) if ctx.d is not None else None,
-        "opt_g": ctx.opt_g.state_dict(), "sched_g": ctx.sched_g.state_dict(),
-        "opt_d": ctx.opt_d.state_dict() if ctx.opt_d is not None else None,
-        "scaler": None,  # bf16 autocast needs no loss scaling
-        "epoch": progress.epoch, "batch_in_epoch": progress.batch_in_epoch,
-        "step": progress.step, "best_val": progress.best_val, "best_epoch": progress.best_epoch,
-        "bad_epochs": progress.bad_epochs, "val_history": list(progress.val_history),
-        "partial": progress.partial,
-        "curriculum": ctx.schedules(epoch_next),
-        "rng": rngs, "world_size": ctx.info.world_size,
-        "config": config_mod.to_dict(ctx.cfg), "codec": ctx.codec, "parts": ctx.parts,
-        "stage": ctx.stage, "mode": ctx.scfg.mode,
-    }
-
-
-def resume(ctx: "Context", state: dict) -> Progress:
-    """Load last.pt: models, optimizers, scheduler, counters and this rank's RNG state."""
-    ctx.g.load_state_dict(state["generator"])
-    if ctx.d is not None:
-        ctx.d.load_state_dict(state["discriminator"])
-        ctx.opt_d.load_state_dict(state["opt_d"])
-    ctx.opt_g.load_state_dict(state["opt_g"])
-    ctx.sched_g.load_state_dict(state["sched_g"])
-    rngs = state["rng"]
-    if len(rngs) != ctx.info.world_size:
-        warnings.warn(f"checkpoint written by {len(rngs)} ranks, resuming on "
-                      f"{ctx.info.world_size}: the continuation is not bit-identical")
-    checkpoint.set_rng_state(rngs[ctx.info.rank % len(rngs)])
-    return Progress(epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"],
-                    step=state["step"], best_val=state["best_val"],
-                    best_epoch=state["best_epoch"], bad_epochs=state["bad_epochs"],
-                    val_history=list(state["val_history"]), partial=state["partial"])
-
-
-def transfer_from_previous(ctx: "Context") -> dict:
-    """Start from the previous stage's best.pt (stage1 starts fresh); return the report."""
-    index = STAGES.index(ctx.stage)
-    if index == 0:
-        return {"source": None, "note": "stage1 starts from freshly initialised weights"}
-    source = ctx.run_dir / STAGES[index - 1] / "best.pt"
-    gate = source.parent / "gate.json"
-    if gate.exists() and not json.loads(gate.read_text()).get("passed", False):
-        raise BadInput(f"{STAGES[index - 1]} did not pass its validation gate "
-                       f"({json.loads(gate.read_text()).get('reason')}); not starting {ctx.stage}")
-    if not source.exists():
-        raise BadInput(f"{ctx.stage} starts from {source}, which does not exist "
-                       f"(run {STAGES[index - 1]} first)")
-    try:
-        state = checkpoint.load(source)
-    except ValueError as exc:
-        raise BadInput(str(exc)) from None
-    report = {"source": str(source), "source_epoch": state.get("epoch"),
-              "generator": transfer_weights(ctx.g, state["generator"])}
-    if ctx.d is not None:
-        report["discriminator"] = transfer_weights(ctx.d, state.get("discriminator") or {})
-    return report
-
-
-# ---------------------------------------------------------------------------------------
 # the context of one stage run (models, optimizers, schedules)
 # ---------------------------------------------------------------------------------------
 
@@ -317,6 +248,74 @@ def build_context(cfg: Config, run_dir: Path, stage: str, info: distributed.Dist
              if d is not None else None)
     return Context(cfg, run_dir, stage, scfg, info, parts, codec, g, g_train, opt_g, sched_g,
                    d, d_train, opt_d)
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoints: what goes in, how a stage starts (resume or transfer)
+# ---------------------------------------------------------------------------------------
+
+def checkpoint_state(ctx: Context, progress: Progress) -> dict:
+    """Everything needed to continue exactly (every rank's RNG; collective: all ranks call)."""
+    rngs = distributed.gather(checkpoint.rng_state(), ctx.info)
+    epoch_next = progress.epoch + 1
+    return {
+        "generator": checkpoint.model_state(ctx.g),
+        "discriminator": checkpoint.model_state(ctx.d) if ctx.d is not None else None,
+        "opt_g": ctx.opt_g.state_dict(), "sched_g": ctx.sched_g.state_dict(),
+        "opt_d": ctx.opt_d.state_dict() if ctx.opt_d is not None else None,
+        "scaler": None,  # bf16 autocast needs no loss scaling
+        "epoch": progress.epoch, "batch_in_epoch": progress.batch_in_epoch,
+        "step": progress.step, "best_val": progress.best_val, "best_epoch": progress.best_epoch,
+        "bad_epochs": progress.bad_epochs, "val_history": list(progress.val_history),
+        "partial": progress.partial,
+        "curriculum": ctx.schedules(epoch_next),
+        "rng": rngs, "world_size": ctx.info.world_size,
+        "config": config_mod.to_dict(ctx.cfg), "codec": ctx.codec, "parts": ctx.parts,
+        "stage": ctx.stage, "mode": ctx.scfg.mode,
+    }
+
+
+def resume(ctx: Context, state: dict) -> Progress:
+    """Load last.pt: models, optimizers, scheduler, counters and this rank's RNG state."""
+    ctx.g.load_state_dict(state["generator"])
+    if ctx.d is not None:
+        ctx.d.load_state_dict(state["discriminator"])
+        ctx.opt_d.load_state_dict(state["opt_d"])
+    ctx.opt_g.load_state_dict(state["opt_g"])
+    ctx.sched_g.load_state_dict(state["sched_g"])
+    rngs = state["rng"]
+    if len(rngs) != ctx.info.world_size:
+        warnings.warn(f"checkpoint written by {len(rngs)} ranks, resuming on "
+                      f"{ctx.info.world_size}: the continuation is not bit-identical")
+    checkpoint.set_rng_state(rngs[ctx.info.rank % len(rngs)])
+    return Progress(epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"],
+                    step=state["step"], best_val=state["best_val"],
+                    best_epoch=state["best_epoch"], bad_epochs=state["bad_epochs"],
+                    val_history=list(state["val_history"]), partial=state["partial"])
+
+
+def transfer_from_previous(ctx: Context) -> dict:
+    """Start from the previous stage's best.pt (stage1 starts fresh); return the report."""
+    index = STAGES.index(ctx.stage)
+    if index == 0:
+        return {"source": None, "note": "stage1 starts from freshly initialised weights"}
+    source = ctx.run_dir / STAGES[index - 1] / "best.pt"
+    gate = source.parent / "gate.json"
+    if gate.exists() and not json.loads(gate.read_text()).get("passed", False):
+        raise BadInput(f"{STAGES[index - 1]} did not pass its validation gate "
+                       f"({json.loads(gate.read_text()).get('reason')}); not starting {ctx.stage}")
+    if not source.exists():
+        raise BadInput(f"{ctx.stage} starts from {source}, which does not exist "
+                       f"(run {STAGES[index - 1]} first)")
+    try:
+        state = checkpoint.load(source)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    report = {"source": str(source), "source_epoch": state.get("epoch"),
+              "generator": transfer_weights(ctx.g, state["generator"])}
+    if ctx.d is not None:
+        report["discriminator"] = transfer_weights(ctx.d, state.get("discriminator") or {})
+    return report
 
 
 # ---------------------------------------------------------------------------------------
@@ -631,6 +630,9 @@ def train_epochs(ctx: Context, progress: Progress, train_set: PairDataset,
     ctx.g.train()
     if ctx.d is not None:
         ctx.d.train()
+    patience = scfg.early_stop_patience
+    if patience > 0 and progress.bad_epochs >= patience:   # rerun of a stage that stopped early
+        return EXIT_OK, f"early stop after {progress.epoch} epochs"
     while progress.epoch < scfg.epochs:
         epoch = progress.epoch + 1
         train_set.set_epoch(epoch)
@@ -696,7 +698,6 @@ def train_epochs(ctx: Context, progress: Progress, train_set: PairDataset,
         if distributed.any_rank(stop.set, info):
             raise Preempted(f"{ctx.stage} preempted ({stop.received or 'signal on another rank'})"
                             f" after epoch {epoch}: last.pt saved")
-        patience = scfg.early_stop_patience
         stop_now = patience > 0 and progress.bad_epochs >= patience
         if distributed.from_main(stop_now, info):   # every rank leaves the loop together
             return EXIT_OK, f"early stop after {epoch} epochs"
