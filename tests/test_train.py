@@ -16,7 +16,7 @@ from jobs import distributed, train
 from jobs.gate import evaluate_gate
 from jobs.pair_data import GlobalBatchSampler, PairDataset, read_pairs
 from pipeline.schema import GateConfig
-from train_fixtures import load_ckpt, make_run, mlflow_store
+from tests.train_fixtures import load_ckpt, make_run, mlflow_store
 
 
 @pytest.fixture(scope="module")
