@@ -332,6 +332,8 @@ def pool_results(jobs: list[tuple], workers: int,
     """func(job) for every job in worker processes, in completion order. If a worker dies,
     the unfinished jobs are run one per process until the culprit is found and recorded as
     failed; then the full pool resumes. A plain Pool would hang instead."""
+    # fork: workers start in milliseconds and never re-import the caller's __main__; they
+    # only decode and write files, never touch the parent's MLflow or progress-bar state
     ctx = multiprocessing.get_context("fork")
     pending, isolate = list(jobs), False
     while pending:

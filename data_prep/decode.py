@@ -163,10 +163,17 @@ def iter_blocks(path: Path, sample_rate: int, channels: int, block_seconds: floa
     for data in _native_blocks(info, block):
         data = to_channels(data, channels)
         if stream is not None:
-            data = stream.resample_chunk(np.ascontiguousarray(data), last=False)
+            data = _resample(stream, data, last=False)
         if len(data):
             yield np.ascontiguousarray(data.T)
     if stream is not None:
-        tail = stream.resample_chunk(np.zeros((0, channels), np.float32), last=True)
+        tail = _resample(stream, np.zeros((0, channels), np.float32), last=True)
         if len(tail):
             yield np.ascontiguousarray(tail.T)
+
+
+def _resample(stream: soxr.ResampleStream, data: np.ndarray, last: bool) -> np.ndarray:
+    """[n, c] -> [m, c]; mono goes through soxr as 1-D, which is ~1.5x faster than [n, 1]."""
+    if data.shape[1] == 1:
+        return stream.resample_chunk(np.ascontiguousarray(data[:, 0]), last=last)[:, None]
+    return stream.resample_chunk(np.ascontiguousarray(data), last=last)
