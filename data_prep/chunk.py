@@ -263,16 +263,20 @@ def previous_records(run_dir: Path) -> dict[str, dict]:
     return found
 
 
-def collect_manifest(run_dir: Path) -> list[dict]:
-    """All records of the latest sharding (the newest manifest's n), sorted by source."""
-    folder = chunk_dir(run_dir)
-    manifests = [p for p in folder.glob("manifest-*-of-*.jsonl") if MANIFEST_RE.search(p.name)]
+def latest_manifests(run_dir: Path) -> list[Path]:
+    """Manifests of the latest sharding (the n of the newest manifest); others are stale."""
+    manifests = [p for p in chunk_dir(run_dir).glob("manifest-*-of-*.jsonl")
+                 if MANIFEST_RE.search(p.name)]
     if not manifests:
         return []
-    newest = max(manifests, key=lambda p: p.stat().st_mtime)
-    n = MANIFEST_RE.search(newest.name).group(2)
+    n = MANIFEST_RE.search(max(manifests, key=lambda p: p.stat().st_mtime).name).group(2)
+    return sorted(p for p in manifests if MANIFEST_RE.search(p.name).group(2) == n)
+
+
+def collect_manifest(run_dir: Path) -> list[dict]:
+    """All records of the latest chunk run over all its shards, sorted by source."""
     records: dict[str, dict] = {}
-    for path in sorted(p for p in manifests if MANIFEST_RE.search(p.name).group(2) == n):
+    for path in latest_manifests(run_dir):
         for rec in _read_jsonl(path):
             records[rec["source"]] = rec
     return [records[k] for k in sorted(records)]
@@ -302,9 +306,9 @@ def count_records(records: list[dict]) -> dict:
 
 def summarize(run_dir: Path) -> dict:
     """Totals over all shards of the latest chunk run (see collect_manifest)."""
-    records = collect_manifest(run_dir)
-    shards = sorted(p.name for p in chunk_dir(run_dir).glob("summary-*-of-*.json"))
-    return {**count_records(records), "shard_summaries": shards}
+    shards = [p.name.replace("manifest-", "summary-").replace(".jsonl", ".json")
+              for p in latest_manifests(run_dir)]
+    return {**count_records(collect_manifest(run_dir)), "shard_summaries": shards}
 
 
 def format_summary(summary: dict) -> str:

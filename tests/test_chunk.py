@@ -163,6 +163,12 @@ def test_shards_partition_the_files(tmp_path, music, shared_mlflow_uri):
     ids = [r["song_id"] for r in collect_manifest(run_dir) if r["status"] == "ok"]
     assert len(set(ids)) == 4
 
+    time.sleep(0.01)  # resharding: the newest sharding wins, and finished files are reused
+    whole = run_shard(cfg, run_dir, 0, 1, source=music)
+    assert whole["reused"] == sum(s["ok"] + s["skipped"] for s in summaries)
+    assert summarize(run_dir)["shard_summaries"] == ["summary-0-of-1.json"]
+    assert len(collect_manifest(run_dir)) == 8
+
 
 def test_unicode_and_space_names(tmp_path, shared_mlflow_uri):
     src = tmp_path / "Mÿ Müsic" / "日本 の 歌"
