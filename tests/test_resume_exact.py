@@ -15,9 +15,11 @@ import torch
 from jobs import distributed, train
 from tests.train_fixtures import REPO, env, load_ckpt, make_run, mlflow_store, train_cmd
 
-# 16 train pairs, batch 2: 8 steps per epoch, 3 epochs; stage 3 adds D pre-training and noise.
+# 16 train pairs, batch 2: 8 steps per epoch, 3 epochs; stage 3 adds D pre-training and noise;
+# half the training samples come from augmented variants (seeded by epoch and index).
 SETTINGS = ("stage1.batch_size=2", "stage1.epochs=3", "stage3.batch_size=2",
-            "stage3.epochs=3", "stage3.curriculum.start_epoch=1")
+            "stage3.epochs=3", "stage3.curriculum.start_epoch=1", "stage1.augment_prob=0.5",
+            "stage3.augment_prob=0.5")
 
 
 class StopAfter(distributed.StopSignal):
@@ -65,7 +67,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 def base(tmp_path_factory, store):
     """A run folder with stage 1 (3 epochs) and stage 2 (1 epoch) done: stage 3's starting point."""
     run_dir = make_run(tmp_path_factory.mktemp("base"), f"mlflow.tracking_uri={store}",
-                       *SETTINGS, "stage2.epochs=1")
+                       *SETTINGS, "stage2.epochs=1", variants=2)
     assert run_in_process(run_dir, "stage1") == 0
     assert run_in_process(run_dir, "stage2") == 0
     return run_dir
