@@ -344,7 +344,9 @@ def clip(model: nn.Module, max_norm: float) -> tuple[float, float]:
 
 
 def floats(terms: dict[str, torch.Tensor]) -> dict[str, float]:
-    return {k: float(v.detach()) for k, v in terms.items()}
+    """Scalar loss terms as Python floats, with one device sync for all of them."""
+    values = torch.stack([v.detach().float().reshape(()) for v in terms.values()]).tolist()
+    return dict(zip(terms, values))
 
 
 def generator_step(ctx: Context, inp: torch.Tensor, tgt: torch.Tensor, epoch: int,
