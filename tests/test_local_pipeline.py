@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -30,6 +31,13 @@ def test_local_dag_completes_with_the_same_outputs_and_state(local_run):
     assert (run_dir / "logs" / "stage2" / "stage2.log").exists()
     assert (run_dir / "stage3" / "last.pt").exists() and (run_dir / "audit" / "audit.csv").exists()
     assert json.loads((run_dir / "mlflow_parent.json").read_text())["run_id"]
+    # executor overhead per step: the subprocess's wall time minus the time inside the step
+    walls = {m[0]: float(m[1]) for m in re.findall(r"\] (\w+): ran as job \S+.*\(([\d.]+) s\)", res.stderr)}
+    for step in ALL:
+        marks = state.markers(run_dir, step, 2 if step == "chunk" else None)
+        inside = sum(m["finished"] - m["started"] for m in marks)
+        assert 0 < inside < walls[step]
+        print(f"{step}: {walls[step]:.1f} s in the executor, {inside:.1f} s inside the step")
 
 
 def test_second_prepare_skips_every_step(local_run):
