@@ -31,12 +31,12 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from data_prep.corpus import ensure_corpus
+from data_prep.corpus import ensure_corpus, file_lock
 from data_prep.decode import AUDIO_EXTS, AudioError, iter_blocks, probe
 from pipeline.atomic import atomic_path, atomic_write_json, atomic_write_text
 from pipeline.config import from_dict, write_resolved
 from pipeline.schema import Config
-from pipeline.tracking import CHILD_FILE, step_run
+from pipeline.tracking import CHILD_FILE, ensure_parent_run, step_run
 
 # The data settings that change what is written; others (workers, shards) do not.
 CHUNK_KEYS = ("sample_rate", "channels", "chunk_seconds", "tail", "min_seconds", "silence_db",
@@ -411,6 +411,8 @@ def run_shard(cfg: Config, run_dir: Path, shard: int = 0, num_shards: int = 1,
     manifest = out_dir / f"manifest-{tag}.jsonl"
     journal = out_dir / f"manifest-{tag}.jsonl.partial"
     _new_child_run_if_changed(out_dir / f"summary-{tag}.json", spec, source, out_dir / f"shard-{tag}")
+    with file_lock(run_dir / ".mlflow.lock"):  # shards starting together must not both
+        ensure_parent_run(cfg, run_dir)       # create the sqlite store or the parent run
     with step_run(cfg, run_dir, f"chunk/shard-{tag}") as tracker:
         tracker.log_params({"data": {k: getattr(cfg.data, k) for k in CHUNK_KEYS},
                             "shard": shard, "num_shards": num_shards, "source": str(source),

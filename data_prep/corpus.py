@@ -15,6 +15,7 @@ import io
 import json
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import soundfile as sf
@@ -184,8 +185,8 @@ def generate_corpus(out_dir: Path, songs: int, seconds: float, seed: int) -> lis
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
-    """Exclusive lock so that concurrent shards generate the corpus only once."""
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive flock on `path`: concurrent shards of a job array do one-time work once."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -204,7 +205,7 @@ def ensure_corpus(cfg: Config, run_dir: Path) -> Path:
         return source
     corpus = Path(run_dir) / "corpus"
     want = {"songs": cfg.data.demo_songs, "seconds": cfg.data.demo_seconds, "seed": cfg.run.seed}
-    with _locked(Path(run_dir) / ".corpus.lock"):
+    with file_lock(Path(run_dir) / ".corpus.lock"):
         marker = corpus / MARKER
         if marker.exists() and {k: json.loads(marker.read_text()).get(k) for k in want} == want:
             return corpus

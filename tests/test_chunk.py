@@ -215,6 +215,26 @@ def test_killed_run_leaves_no_array_a_rerun_trusts(tmp_path, shared_mlflow_uri):
     assert np.load(next(songs.glob("*.npy")), mmap_mode="r").shape == (120, 1, 48000)
 
 
+def test_job_array_shards_started_together(tmp_path):
+    """Two CLI shards at once on a fresh run: one corpus, one MLflow store, all files chunked."""
+    cfg = make_cfg(tmp_path, "data.demo_songs=3", "data.demo_seconds=2.0",
+                   "data.chunk_seconds=1.0", "data.workers=1")
+    run_dir = run_dir_of(cfg)
+    write_resolved(cfg, run_dir)
+    procs = [subprocess.Popen([sys.executable, "-m", "data_prep.chunk", "--run-dir", str(run_dir),
+                               "--shard", str(i), "--num-shards", "2"], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert len(list((run_dir / "corpus").rglob("*.mp3"))) == 3
+    total = summarize(run_dir)
+    assert total["ok"] == 3 and total["chunks"] == 6 and len(total["shard_summaries"]) == 2
+    parents = {json.loads((run_dir / "chunk" / f"shard-{i}-of-2" / "mlflow_run.json").read_text())
+               ["parent"] for i in range(2)}
+    assert parents == {json.loads((run_dir / "mlflow_parent.json").read_text())["run_id"]}
+
+
 def die_on_b(job: tuple) -> tuple[dict, bool]:
     """A job function whose process really dies (SIGKILL) on the file named b.mp3."""
     if Path(job[0]).name == "b.mp3":
