@@ -79,3 +79,15 @@ def test_m4a_uses_the_ffmpeg_fallback(tmp_path, demo_corpus):
     assert info.backend == "ffmpeg" and info.channels == 2
     audio = decode_all(m4a, 24000, 1)
     assert abs(audio.shape[1] / 24000 - 6.0) < 0.1 and np.abs(audio).max() > 0.1
+
+
+@pytest.mark.parametrize("ext,fmt", [("wav", "WAV"), ("flac", "FLAC"), ("ogg", "OGG"), ("MP3", "MP3")])
+def test_libsndfile_formats_decode_in_blocks(tmp_path, ext, fmt):
+    sr = 32000
+    path = tmp_path / f"tone.{ext}"
+    sf.write(path, np.stack([np.sin(2 * np.pi * 330 * np.arange(3 * sr) / sr)] * 2, 1) * 0.4,
+             sr, format=fmt)
+    info = probe(path)
+    assert (info.sample_rate, info.channels, info.backend) == (sr, 2, "soundfile")
+    audio = decode_all(path, 24000, 1, block_seconds=0.5)
+    assert audio.shape == (1, 3 * 24000) and 0.3 < np.abs(audio).max() < 0.5
