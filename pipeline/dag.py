@@ -40,13 +40,13 @@ class Step:
 STEPS: dict[str, Step] = {s.name: s for s in (
     Step("chunk", (), ("data", "run.seed"), "data_prep.chunk", "array"),
     Step("pairs", ("chunk",), ("pairs", "run.seed"), "data_prep.pairs", "data"),
-    Step("encode", ("pairs",), ("encode",), "data_prep.encode", "data"),
+    Step("encode", ("pairs",), ("encode", "run.seed"), "data_prep.encode", "data"),
     Step("stage1", ("encode",), ("model", "stage1", "run.seed"), "jobs.train", "train"),
     Step("stage2", ("stage1",), ("model", "stage2", "run.seed"), "jobs.train", "train"),
     Step("stage3", ("stage2",), ("model", "stage3", "run.seed"), "jobs.train", "train"),
     Step("audit", ("stage3",), ("audit",), "jobs.audit", "job"),
     Step("generate", ("stage3",), ("generate",), "jobs.generate", "job"),
-    Step("evaluate", ("generate",), (), "jobs.evaluate", "job"),
+    Step("evaluate", ("generate",), ("evaluate", "generate"), "jobs.evaluate", "job"),
 )}
 
 # What each CLI target asks for; every step it needs that is not complete comes along.
