@@ -79,6 +79,9 @@ def test_ensure_corpus_generates_once_and_respects_source(tmp_path):
     stamp = [p.stat().st_mtime_ns for p in mp3s(corpus)]
     assert ensure_corpus(cfg, run_dir) == corpus
     assert [p.stat().st_mtime_ns for p in mp3s(corpus)] == stamp   # not regenerated
+    more = make_cfg(tmp_path, "data.demo_songs=3", "data.demo_seconds=1.0")
+    assert len(mp3s(ensure_corpus(more, run_dir))) == 3               # new settings: remade
+    assert sf.info(str(mp3s(corpus)[0])).duration == pytest.approx(1.0, abs=0.05)
 
     mine = tmp_path / "my music"
     mine.mkdir()
