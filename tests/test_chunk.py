@@ -187,7 +187,7 @@ def test_killed_run_leaves_no_array_a_rerun_trusts(tmp_path, shared_mlflow_uri):
     file, and still exits 0."""
     src = tmp_path / "src"
     src.mkdir()
-    sf.write(src / "long.wav", np.tile(tone(1.0, 48000), 240), 48000)   # 4 min: takes a while
+    sf.write(src / "long.wav", np.tile(tone(1.0, 44100), 240), 44100)  # 4 min: time to kill it
     (src / "zz broken.mp3").write_bytes(b"ID3\x04\x00\x00\x00\x00\x00\x00" + bytes(5000))
     cfg = cfg_for(tmp_path, shared_mlflow_uri, "data.workers=1")
     run_dir = run_dir_of(cfg)
