@@ -180,18 +180,21 @@ def augmented_waves(rows: list[tuple[str, int]], arrays: dict[str, np.ndarray],
                     all_songs: list[str], train: list[str], samples: int, cfg: Config,
                     meta: list, dropped: dict, on_source=lambda: None) -> Iterator[np.ndarray]:
     """Yield the kept variants of each (song, chunk) row, recording [song, chunk, params]
-    per variant in `meta` and dropped counts in `dropped`. The rng of a row depends only on
-    (seed, song, chunk), and a mixed-in second song is another train song, so the result
-    is the same whichever shard the row falls in."""
+    per variant in `meta` and dropped counts in `dropped`. Variant settings are drawn from
+    an rng seeded by (seed, song) only, so variant k has the same settings in every chunk
+    of a song and a pair (input, continuation) is augmented alike; the mixed-in second song
+    is picked per (seed, song, chunk). Either way the result does not depend on the shard."""
     from data_prep.augment import fit_length, make_variants
 
     for song, chunk in rows:
-        rng = np.random.default_rng([cfg.run.seed, 2, all_songs.index(song), chunk])
+        song_index = all_songs.index(song)
+        rng = np.random.default_rng([cfg.run.seed, 2, song_index])
+        pick_rng = np.random.default_rng([cfg.run.seed, 3, song_index, chunk])
         others = [s for s in train if s != song]
         other = None
         if others:
-            pick = others[int(rng.integers(len(others)))]
-            other = as_float(arrays[pick][int(rng.integers(arrays[pick].shape[0]))])
+            pick = others[int(pick_rng.integers(len(others)))]
+            other = as_float(arrays[pick][int(pick_rng.integers(arrays[pick].shape[0]))])
         kept, counts = make_variants(as_float(arrays[song][chunk]), cfg.data.sample_rate,
                                      cfg.encode.augment, rng, other)
         for key, value in (counts or {}).items():

@@ -65,26 +65,32 @@ class PairDataset(Dataset):
             return self.store.get_variant(shard, row)
         return self.store.get(song, chunk)
 
-    def _variant(self, index: int, pair: dict) -> int:
-        """Which augmented variant to read (-1 = clean): seeded by (seed, epoch, index).
+    def _variants(self, index: int, pair: dict) -> tuple[int, int]:
+        """Variant numbers for (input, target), -1 = clean, seeded by (seed, epoch, index).
 
-        Input and target use the same variant number, so that when the encode step gives
-        variant k of a song the same parameters, the pair stays consistent.
+        The target's variant is the one with the same augmentation settings as the input's
+        (the encode step draws settings per song, but a dropped variant shifts numbering);
+        a pair whose target has no such variant stays clean on both sides.
         """
         if self.augment_prob <= 0:
-            return -1
+            return -1, -1
         rng = np.random.default_rng([self.seed, self.epoch, index])
         if rng.random() >= self.augment_prob:
-            return -1
-        n = min(len(self.store.variants(pair["song"], pair["input"])),
-                len(self.store.variants(pair["target_song"], pair["target"])))
-        return int(rng.integers(n)) if n > 0 else -1
+            return -1, -1
+        inputs = self.store.variants(pair["song"], pair["input"])
+        if not inputs:
+            return -1, -1
+        k = int(rng.integers(len(inputs)))
+        wanted = inputs[k][2]
+        targets = self.store.variants(pair["target_song"], pair["target"])
+        match = [j for j, (_s, _r, params) in enumerate(targets) if params == wanted]
+        return (k, match[0]) if match else (-1, -1)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         pair = self.pairs[index]
-        variant = self._variant(index, pair)
-        inp = self._chunk(pair["song"], int(pair["input"]), variant)
-        tgt = self._chunk(pair["target_song"], int(pair["target"]), variant)
+        v_in, v_tgt = self._variants(index, pair)
+        inp = self._chunk(pair["song"], int(pair["input"]), v_in)
+        tgt = self._chunk(pair["target_song"], int(pair["target"]), v_tgt)
         return (torch.from_numpy(np.asarray(inp, dtype=np.float32)),
                 torch.from_numpy(np.asarray(tgt, dtype=np.float32)))
 

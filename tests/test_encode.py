@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from chunk_outputs import write_chunks
-from conftest import make_cfg
+from tests.chunk_outputs import write_chunks
+from tests.conftest import make_cfg
 from data_prep import encode, pairs
 from data_prep.codecs import load_codec
 from data_prep.latent_store import LatentStore

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from chunk_outputs import write_chunks
-from conftest import make_cfg
+from tests.chunk_outputs import write_chunks
+from tests.conftest import make_cfg
 from data_prep import pairs
 from pipeline.config import write_resolved
 
