@@ -68,7 +68,8 @@ def drums(n: int, sr: int, beat: float, rng: np.random.Generator) -> np.ndarray:
     t = np.arange(int(0.35 * sr)) / sr
     kick = np.sin(2 * np.pi * (45 * t + 75 * 0.05 * (1 - np.exp(-t / 0.05)))) * np.exp(-t / 0.12)
     ts = t[: int(0.2 * sr)]
-    snare = (0.6 * rng.standard_normal(len(ts)) + 0.4 * np.sin(2 * np.pi * 185 * ts)) * np.exp(-ts / 0.05)
+    snare = 0.6 * rng.standard_normal(len(ts)) + 0.4 * np.sin(2 * np.pi * 185 * ts)
+    snare *= np.exp(-ts / 0.05)
     th = t[: int(0.06 * sr)]
     hat = np.diff(rng.standard_normal(len(th) + 1)) * np.exp(-th / 0.015) * 0.3
     kick_beats = [0, 2] if rng.random() < 0.6 else [0, 1.5, 2]

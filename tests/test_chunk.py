@@ -80,9 +80,10 @@ def test_bad_files_are_reported_and_the_rest_is_written(tmp_path, music, shared_
     assert "cover.jpg" not in recs and len(recs) == 8
     assert recs["broken.mp3"]["status"] == "failed"
     assert recs["broken.mp3"]["reason"].startswith("decode error")
-    assert (recs["empty.mp3"]["status"], recs["empty.mp3"]["reason"]) == ("skipped", "empty file (0 bytes)")
-    assert recs["notes.MP3"]["status"] == "skipped" and recs["notes.MP3"]["reason"].startswith("not audio")
-    assert recs["blip.mp3"]["status"] == "skipped" and recs["blip.mp3"]["reason"].startswith("too short")
+    status = {name: (r["status"], r["reason"]) for name, r in recs.items()}
+    assert status["empty.mp3"] == ("skipped", "empty file (0 bytes)")
+    assert status["notes.MP3"][0] == "skipped" and status["notes.MP3"][1].startswith("not audio")
+    assert status["blip.mp3"][0] == "skipped" and status["blip.mp3"][1].startswith("too short")
     assert summary["ok"] == 4 and summary["skipped"] == 3 and summary["failed"] == 1
     assert summary["reasons"] == {"failed: decode error": 1, "skipped: empty file": 1,
                                   "skipped: not audio": 1, "skipped: too short": 1}
