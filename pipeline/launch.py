@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -180,11 +182,28 @@ def _gate_reason(run_dir: Path, stage: str) -> str:
     return "validation gate failed: " + str(gate.get("reason", gate))
 
 
+def _trainer_exit(run_dir: Path, stage: str, since: float) -> tuple[Optional[int], str]:
+    """The trainer's own exit code and reason from exit.json (torchrun reports any worker
+    failure as 1); (None, "") when this run wrote none."""
+    path = Path(run_dir) / stage / "exit.json"
+    try:
+        if path.stat().st_mtime < since:
+            return None, ""
+        record = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None, ""
+    return record.get("exit_code"), str(record.get("reason", ""))
+
+
 def _run_training(cfg: Config, run_dir: Path, stage: str, signature: str) -> None:
+    started = time.time()
     child = Child(train_command(cfg, run_dir, stage))
     code = child.run()
     if code == 0:
         return
+    recorded, reason = _trainer_exit(run_dir, stage, started)
+    if recorded is not None and recorded != 0:
+        code = recorded
     preempted = code == EXIT_PREEMPTED or "SIGUSR2" in child.signals
     if preempted and "SIGTERM" not in child.signals and node_rank() == 0:
         state.write_marker(run_dir, stage, state.PREEMPTED, signature, exit_code=code,
@@ -198,7 +217,8 @@ def _run_training(cfg: Config, run_dir: Path, stage: str, signature: str) -> Non
         raise Interrupted(f"{stage} stopped by {child.signals} (exit {code})")
     if code == EXIT_GATE:
         raise StepFailed(_gate_reason(run_dir, stage))
-    raise StepFailed(f"{stage} failed with exit code {code} (see the job log)")
+    detail = f": {reason}" if reason else " (see the job log)"
+    raise StepFailed(f"{stage} failed with exit code {code}{detail}")
 
 
 def _run_in_process(cfg: Config, run_dir: Path, name: str, shard: Optional[int],
@@ -257,10 +277,18 @@ class StepJob:
         self.shard, self.num_shards = shard, num_shards
 
     def __call__(self) -> str:
+        _setup_logging()
         return run_step(self.run_dir, self.name, self.signature, self.shard, self.num_shards)
 
 
+def _setup_logging() -> None:
+    """INFO lines of the steps (throughput, summaries) go to the job log."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    _setup_logging()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--step", required=True, choices=list(dag.STEPS))

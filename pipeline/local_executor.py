@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline import state
 from pipeline.executor import Executor, Submission, Submitted
 from pipeline.schema import Config
 
@@ -67,8 +68,16 @@ class LocalExecutor(Executor):
             if self.cancelled:
                 return Submitted(job_id, "CANCELLED", reason="cancelled (SIGTERM)")
             if code != 0:
-                return Submitted(job_id, "FAILED", reason=f"exit code {code}; log: {logs / name}.log")
+                why = self._reason(sub, shard)
+                return Submitted(job_id, "FAILED",
+                                 reason=f"exit code {code}{why}; log: {logs / name}.log")
         return Submitted(job_id, "COMPLETED")
+
+    def _reason(self, sub: Submission, shard: int | None) -> str:
+        """The failure reason the step recorded in its marker, as ': <reason>' (or '')."""
+        num_shards = sub.num_shards if shard is not None else None
+        marker = state.read_marker(state.marker_path(self.run_dir, sub.step, shard, num_shards))
+        return f": {marker['reason']}" if marker and marker.get("reason") else ""
 
     def states(self, job_ids: list[str]) -> dict[str, tuple[str, str, str]]:
         return {}   # local steps run in the foreground: nothing is ever queued

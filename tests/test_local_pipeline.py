@@ -77,3 +77,18 @@ def test_failed_step_stops_the_chain_and_resume_finishes_it(local_run):
     assert rows["pairs"]["state"] == rows["encode"]["state"] == "COMPLETED"
     again = pipeline_cli("resume", "--job", "pairs", "--run", str(root / "broken"))
     assert again.returncode == 0 and "pairs: complete; nothing to resume" in again.stderr
+
+
+def test_failed_gate_under_torchrun_reports_its_reason_and_stops_the_chain(local_run):
+    root = local_run["root"]
+    copy_steps(local_run["run_dir"], root / "gated", ["chunk", "pairs", "encode"])
+    res = submit("stage2", root, "gated", "--gpus", "2", "stage1.gate.min_improvement=0.99",
+                 "stage1.epochs=1", cluster="local")
+    assert res.returncode == 1
+    # torchrun turns the worker's exit 3 into 1; the launcher reads the trainer's own record
+    assert "stage1: FAILED (exit code 1: validation gate failed: " in res.stderr, res.stderr[-3000:]
+    assert "needed 99.0%" in res.stderr
+    assert json.loads((root / "gated" / "stage1" / "gate.json").read_text())["passed"] is False
+    assert json.loads((root / "gated" / "stage1" / "exit.json").read_text())["exit_code"] == 3
+    rows = rows_by_step(root / "gated")
+    assert rows["stage1"]["state"] == "FAILED" and "stage2" not in rows
