@@ -7,6 +7,9 @@ by an assumed sustained GPU rate; the data and gradient traffic follow from the 
 """
 from __future__ import annotations
 
+import math
+import re
+
 # Assumptions, stated in the text: an A100-class GPU, bf16 dense peak 312 TFLOP/s, of which a
 # model this size sustains about a third; PCIe 4 x16 ~ 20 GB/s usable, NVLink ~ 200 GB/s.
 PEAK_TFLOPS = 312.0
@@ -47,6 +50,21 @@ def count_flops(sample_rate: int = 24000) -> dict:
             "d_model": cfg.model.transformer.d_model, "layers": cfg.model.transformer.layers}
 
 
+def loader_text(load_us, samples_s: float) -> str:
+    """How many loader workers per GPU the measured per-sample data time asks for.
+
+    `load_us` is the data wait per sample of row 4b (4 s chunks), a number or a text such
+    as "1955 µs"; a 16 s sample carries 4x the bytes, so it is scaled by 4."""
+    match = re.match(r"\s*([0-9.]+)", str(load_us)) if load_us is not None else None
+    if not match:
+        return "not measured in this run"
+    per_sample = float(match.group(1)) * 1e-6 * 4
+    workers = max(1, math.ceil(samples_s * per_sample))
+    return (f"about {float(match.group(1)):.0f} µs per 4 s sample here, so about "
+            f"{per_sample * 1e3:.1f} ms per 16 s sample: {workers} loader worker(s) per GPU "
+            "(stage*.num_workers) keep up with the rate above")
+
+
 def section(f: dict, measured: dict) -> str:
     """The markdown section from the FLOP counts and this run's measured CPU figures."""
     rate = PEAK_TFLOPS * 1e12 * SUSTAINED
@@ -78,10 +96,9 @@ def section(f: dict, measured: dict) -> str:
         "128 GB node) that is easy; read cold from a shared network filesystem it is the first "
         "limit, so stage the shards to node-local disk or let epoch 1 fill the page cache. "
         f"On this CPU the latent loader fed the model with a data-wait share of "
-        f"{measured.get('wait', 'n/a')}; the CPU work per sample is a memmap slice and a "
-        "float16 -> float32 copy, about "
-        f"{measured.get('load_us', 'n/a')} per sample here, so 2 loader workers per GPU cover "
-        "the rate above.",
+        f"{measured.get('wait', 'n/a')} (row 4b); the loader's work per sample is a memmap "
+        "slice, a float16 -> float32 copy and batching, "
+        f"{loader_text(measured.get('load_us'), samples_s)}.",
         f"- **Gradient all-reduce (DDP)**: {grad_mb:.0f} MB of fp32 gradients per step; a ring "
         f"all-reduce moves {ring_mb:.0f} MB per GPU: {ring_mb / NVLINK_GBS:.2f} ms over NVLink "
         f"(~{NVLINK_GBS:g} GB/s), {ring_mb / PCIE_GBS:.1f} ms over PCIe 4 (~{PCIE_GBS:g} GB/s). "

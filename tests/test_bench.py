@@ -115,3 +115,10 @@ def test_quick_run_writes_every_row_with_positive_ratios(tmp_path):
         assert float(cells[4]) > 0, cells
     for needed in ("## Machine", "OPENBLAS_CORETYPE", "## 6. Expected per-GPU throughput"):
         assert needed in text
+
+
+def test_scaling_loader_workers_follow_the_measured_data_time():
+    from bench.scaling import loader_text
+    assert "1 loader worker" in loader_text("100 µs", 400.0)   # 0.4 ms x 400/s = 0.16 of one
+    assert "4 loader worker" in loader_text(1955.0, 407.0)      # 7.8 ms x 407/s = 3.2
+    assert loader_text(None, 400.0) == "not measured in this run"
