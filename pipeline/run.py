@@ -199,6 +199,27 @@ def demo_report(cfg: Config, run_dir: Path) -> None:
     print(f"look at it    : .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000")
 
 
+def data_report(run_dir: Path) -> None:
+    """What the data steps made: files ok/skipped/failed (with reasons), hours, chunks,
+    pairs, latents, and where each output is."""
+    import json
+    from data_prep.chunk import format_summary, summarize
+    if (run_dir / "chunk").is_dir():
+        print(f"chunk   : {run_dir / 'chunk'}")
+        print("  " + format_summary(summarize(run_dir)).replace("\n", "\n  "))
+    pairs = run_dir / "pairs" / "summary.json"
+    if pairs.exists():
+        p = json.loads(pairs.read_text())
+        print(f"pairs   : {pairs.parent}  songs train/val {p.get('songs_train')}/{p.get('songs_val')}"
+              f"  pairs train/val {p.get('pairs_train')}/{p.get('pairs_val')}")
+    manifest = run_dir / "encode" / "manifest.json"
+    if manifest.exists():
+        m = json.loads(manifest.read_text())
+        print(f"encode  : {manifest.parent}  codec {m.get('codec')}  {m.get('rows')} latents "
+              f"[{m.get('latent_dim')}, {m.get('frames')}] {m.get('dtype')}"
+              f"  augmented variants {sum(r['rows'] for r in m.get('aug_shards', []))}")
+
+
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__.splitlines()[0])
     p.add_argument("target", choices=list(dag.TARGETS))
@@ -260,6 +281,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     if cluster == "slurm":
         print(f"watch: python -m pipeline.status --run {run_dir}")
+    if cluster == "local" and "encode" in steps:
+        data_report(run_dir)
     if args.target == "demo":
         demo_report(cfg, run_dir)
     return 0
