@@ -242,3 +242,19 @@ def test_read_pairs_names_file_and_line(tmp_path):
     path.write_text('{"song": "a", "input": 0, "target_song": "a", "target": 1}\n{"song": "a"}\n')
     with pytest.raises(ValueError, match=r"train.jsonl:2: pair is missing keys"):
         read_pairs(path)
+
+
+def test_creative_mode_trains_the_cascade_and_logs_mask_metrics(tmp_path, store, capsys):
+    run_dir = make_run(tmp_path, f"mlflow.tracking_uri={store}", "stage1.mode=creative",
+                       "stage1.epochs=2", "stage1.gate.min_improvement=-100.0")
+    assert run_stage(run_dir, "stage1") == 0, capsys.readouterr().err[-2000:]
+    rows = metrics(run_dir, "stage1")
+    last = rows[-1]
+    for key in ("train_balance", "train_coverage", "train_temporal_diversity",
+                "train_complementarity", "train_mask_in_mean", "train_mask_tgt_mean"):
+        assert key in last and math.isfinite(last[key]), key
+    assert 0.0 <= last["train_mask_in_mean"] <= 1.0
+    assert 0.0 <= last["train_complementarity"] <= 1.0
+    ckpt = load_ckpt(run_dir / "stage1" / "last.pt")
+    assert ckpt["mode"] == "creative"
+    assert any(k.startswith("agent.") for k in ckpt["generator"])   # the creative agent trained
