@@ -34,7 +34,16 @@ def tracking_uri(cfg: Config) -> str:
 def _setup(cfg: Config):
     os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
     import mlflow
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(cfg.mlflow.experiment) is None:
+        # a sqlite store would put artifacts in ./mlruns of whatever folder a job starts
+        # in; keep them beside the store instead
+        location = (Path(cfg.run.root).resolve() / "mlartifacts").as_uri()
+        try:
+            mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=location)
+        except mlflow.exceptions.MlflowException:
+            pass   # another job created it first
     exp = mlflow.set_experiment(cfg.mlflow.experiment)
     return mlflow, exp.experiment_id
 

@@ -26,6 +26,8 @@ def test_child_runs_nest_under_parent_and_reopen_on_resume(tmp_path):
     assert child.data.tags["mlflow.parentRunId"] == parent
     assert child.data.params["pairs.gap"] == "0"
     assert [m.value for m in client.get_metric_history(first, "pairs_train")] == [5.0, 6.0]
+    # a sqlite store keeps its artifacts beside it, not in the working directory
+    assert child.info.artifact_uri.startswith((tmp_path / "runs" / "mlartifacts").as_uri())
 
 
 def test_changed_config_gets_a_new_child_run(tmp_path):
