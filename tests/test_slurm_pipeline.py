@@ -113,9 +113,13 @@ def _wait_running_with_epochs(run_dir: Path, stage: str, epochs: int, timeout: f
 
 
 def test_usr2_checkpoints_requeues_and_matches_an_uninterrupted_run(full_run, root):
-    copy_steps(full_run["run_dir"], root / "requeue", ["chunk", "pairs", "encode"])
-    res = submit("stage1", root, "requeue")
-    assert res.returncode == 0, res.stderr
+    # Ten epochs, so the signal lands while training runs (three tiny epochs can end
+    # between the poll and the signal); the reference is the same stage, uninterrupted.
+    longer = "stage1.epochs=10"
+    for name in ("requeue", "requeue_ref"):
+        copy_steps(full_run["run_dir"], root / name, ["chunk", "pairs", "encode"])
+        res = submit("stage1", root, name, longer)
+        assert res.returncode == 0, res.stderr
     run_dir = root / "requeue"
     job = _wait_running_with_epochs(run_dir, "stage1", 1)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
@@ -125,9 +129,11 @@ def test_usr2_checkpoints_requeues_and_matches_an_uninterrupted_run(full_run, ro
     assert marker["restarts"] == 1 and marker["job_id"] == job     # same job, requeued once
     exits = (run_dir / "logs" / "stage1" / job / f"{job}_0_log.err").read_text()
     assert "preempted (SIGUSR2)" in exits
+    ref_rows = wait_for(root / "requeue_ref", ["stage1"], timeout=300)
+    assert ref_rows["stage1"]["state"] == "COMPLETED", ref_rows
     mine = torch.load(run_dir / "stage1" / "last.pt", weights_only=True)
-    ref = torch.load(full_run["run_dir"] / "stage1" / "last.pt", weights_only=True)
-    assert mine["epoch"] == ref["epoch"] == 3
+    ref = torch.load(root / "requeue_ref" / "stage1" / "last.pt", weights_only=True)
+    assert mine["epoch"] == ref["epoch"] == 10
     assert mine["generator"].keys() == ref["generator"].keys()
     for key in ref["generator"]:
         assert torch.equal(mine["generator"][key], ref["generator"][key]), key
