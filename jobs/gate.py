@@ -2,7 +2,9 @@
 
 Passes when every validation loss is finite (if required) and the best validation loss
 (the one saved as best.pt, which the next stage loads) is at least `min_improvement`
-(a fraction) below epoch 1's, or below `max_val_loss` when that is set.
+(a fraction) below epoch 1's, or below `max_val_loss` when that is set. With
+`beat_baselines` it must also be below every trivial baseline given (stage 1: repeat the
+start chunk, the mean latent), so a pass means the model learned something.
 """
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ import math
 from pipeline.schema import GateConfig
 
 
-def evaluate_gate(gate: GateConfig, val_losses: list[float]) -> dict:
-    """Decide the gate from the per-epoch validation losses (epoch 1 first)."""
+def evaluate_gate(gate: GateConfig, val_losses: list[float],
+                  baselines: dict[str, float] | None = None) -> dict:
+    """Decide the gate from the per-epoch validation losses (epoch 1 first) and, when
+    `gate.beat_baselines`, the trivial baselines' losses on the same pairs."""
     numbers = {"epochs": len(val_losses), "first": val_losses[0] if val_losses else None,
                "last": val_losses[-1] if val_losses else None,
                "min_improvement": gate.min_improvement, "max_val_loss": gate.max_val_loss}
@@ -27,6 +31,13 @@ def evaluate_gate(gate: GateConfig, val_losses: list[float]) -> dict:
     first = val_losses[0]
     improvement = (first - best) / abs(first) if math.isfinite(first) and first != 0 else 0.0
     numbers.update(best=best, improvement=improvement)
+    if gate.beat_baselines and baselines:
+        numbers["baselines"] = dict(baselines)
+        beaten = {k: v for k, v in baselines.items() if best >= v}
+        if beaten:
+            lost = ", ".join(f"{k} {v:.5g}" for k, v in beaten.items())
+            return {"passed": False, "reason": f"best val loss {best:.5g} is not below the "
+                    f"trivial baseline(s) {lost}", **numbers}
     if gate.max_val_loss is not None and best <= gate.max_val_loss:
         return {"passed": True, "reason": f"best val loss {best:.5g} <= max_val_loss "
                 f"{gate.max_val_loss:.5g}", **numbers}

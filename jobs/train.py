@@ -596,7 +596,7 @@ def run_stage(cfg: Config, run_dir: Path, stage: str, info: distributed.DistInfo
         except Preempted as exc:
             code, reason = EXIT_PREEMPTED, str(exc)
         if code == EXIT_OK:
-            result = evaluate_gate(scfg.gate, progress.val_history)
+            result = evaluate_gate(scfg.gate, progress.val_history, base)
             if info.is_main:
                 atomic_write_json(out_dir / "gate.json", result)
                 tracker.log_metrics({"gate_passed": float(result["passed"])},

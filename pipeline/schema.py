@@ -162,6 +162,7 @@ class GateConfig:
     require_finite: bool
     min_improvement: float    # val loss must drop by this fraction of epoch 1's
     max_val_loss: Optional[float]  # or be below this; null = not used
+    beat_baselines: bool      # stage 1: best val loss must also be below both trivial baselines
 
 
 @dataclass

@@ -24,7 +24,8 @@ TINY = [
 ]
 for _s in ("stage1", "stage2", "stage3"):
     TINY += [f"{_s}.batch_size=2", f"{_s}.warmup_steps=0", f"{_s}.deterministic=true",
-             f"{_s}.gate.min_improvement=-100.0", f"{_s}.checkpoint_every=1"]
+             f"{_s}.gate.min_improvement=-100.0", f"{_s}.checkpoint_every=1",
+             f"{_s}.gate.beat_baselines=false"]
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "LOST"}
 

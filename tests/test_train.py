@@ -226,15 +226,24 @@ def test_global_batch_sampler_splits_each_global_batch_over_ranks():
 
 
 def test_gate_rules():
-    g = GateConfig(require_finite=True, min_improvement=0.1, max_val_loss=None)
+    g = GateConfig(require_finite=True, min_improvement=0.1, max_val_loss=None,
+                   beat_baselines=False)
     assert evaluate_gate(g, [1.0, 0.85])["passed"]
     res = evaluate_gate(g, [1.0, 0.95])
     assert not res["passed"] and "improved only 5.0%" in res["reason"]
     assert not evaluate_gate(g, [1.0, float("nan")])["passed"]
     assert "non-finite" in evaluate_gate(g, [1.0, float("inf"), 0.5])["reason"]
-    g2 = GateConfig(require_finite=True, min_improvement=0.5, max_val_loss=0.96)
+    g2 = GateConfig(require_finite=True, min_improvement=0.5, max_val_loss=0.96,
+                    beat_baselines=False)
     assert evaluate_gate(g2, [1.0, 0.95])["passed"]
     assert not evaluate_gate(g2, [])["passed"]
+    g3 = GateConfig(require_finite=True, min_improvement=0.1, max_val_loss=None,
+                    beat_baselines=True)
+    base = {"val_baseline_repeat": 1.2, "val_baseline_mean": 0.8}
+    res = evaluate_gate(g3, [1.0, 0.85], base)
+    assert not res["passed"] and "val_baseline_mean 0.8" in res["reason"]
+    assert evaluate_gate(g3, [1.0, 0.75], base)["passed"]
+    assert evaluate_gate(g3, [1.0, 0.85])["passed"]   # no baselines (creative mode, later stages)
 
 
 def test_read_pairs_names_file_and_line(tmp_path):

@@ -35,7 +35,8 @@ for _s in ("stage1", "stage2", "stage3"):
     TINY += [f"{_s}.epochs=2", f"{_s}.batch_size=4", f"{_s}.num_workers=0",
              f"{_s}.warmup_steps=0", f"{_s}.checkpoint_every=1", f"{_s}.sample_every=0",
              f"{_s}.early_stop_patience=0", f"{_s}.deterministic=true", f"{_s}.lr=0.003",
-             f"{_s}.augment_prob=0.0", f"{_s}.gate.min_improvement=0.0"]
+             f"{_s}.augment_prob=0.0", f"{_s}.gate.min_improvement=0.0",
+             f"{_s}.gate.beat_baselines=false"]
 TINY += ["stage3.gan.d_pretrain_epochs=1", "stage3.gan.adv_ramp_epochs=1",
          "stage3.curriculum.start_epoch=2", "stage3.curriculum.rate=0.5"]
 
