@@ -38,8 +38,12 @@ class MismatchError(ValueError):
 # --- checkpoints and codec ------------------------------------------------------------
 
 def default_checkpoint(run_dir: Path, configured: str = "") -> Path:
-    """The configured checkpoint path, else the run's stage3 best.pt."""
-    return Path(configured) if configured else Path(run_dir) / "stage3" / "best.pt"
+    """The configured checkpoint path, else the run's final stage-3 generator (last.pt).
+
+    Not best.pt: under the pure-GAN curriculum the validation loss (clean inputs) rises as
+    alpha grows, so best.pt is usually a pre-curriculum continuation model, while the
+    generator that maps noise to music is the last one."""
+    return Path(configured) if configured else Path(run_dir) / "stage3" / "last.pt"
 
 
 def read_manifest(run_dir: Path) -> dict:

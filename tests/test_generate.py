@@ -31,7 +31,7 @@ def test_files_lengths_sample_rate(tiny_run):
     result = generate.run(cfg, run_dir)
     manifest = generate.read_manifest(run_dir)
     out = run_dir / "generate"
-    assert result["checkpoint"].endswith("stage3/best.pt") and result["n"] == cfg.generate.n == 3
+    assert result["checkpoint"].endswith("stage3/last.pt") and result["n"] == cfg.generate.n == 3
     for i in range(3):
         info = sf.info(str(out / f"sample_{i}.wav"))
         assert info.samplerate == manifest["sample_rate"] == 12000
@@ -85,7 +85,7 @@ def test_refuses_checkpoint_of_other_codec_or_shape(tiny_run, tmp_path, change, 
     other = tmp_path / "other"
     shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("stage3", "generate"))
     save_stage3(cfg, other, [1], codec={**codec_description(run_dir), **change})
-    with pytest.raises(generate.MismatchError, match="refusing .*best.pt") as err:
+    with pytest.raises(generate.MismatchError, match="refusing .*last.pt") as err:
         generate.run(cfg, other, out_dir=tmp_path / "out")
     assert reason in str(err.value)
     assert not (tmp_path / "out").exists()
