@@ -22,7 +22,8 @@ TINY = ("data.demo_songs=5", "data.demo_seconds=6.0", "data.chunk_seconds=1.0",
         "model.discriminator.channels=8", "model.discriminator.layers=2",
         "model.discriminator.minibatch_features=2", "encode.mel.griffin_lim_iters=4",
         "generate.griffin_lim_iters=4", "generate.n=3", "audit.batch_size=4",
-        "stage3.checkpoint_every=1", "evaluate.n=4", "evaluate.fft_size=256")
+        "stage3.checkpoint_every=1", "evaluate.n=4", "evaluate.fft_size=256",
+        "stage3.curriculum.rate=0.25", "stage3.curriculum.start_epoch=3", "encode.augment.variants=0")
 
 CODEC_KEYS = ("codec", "sample_rate", "frame_rate", "latent_dim", "frames", "kind",
               "weights_sha256", "hop", "n_fft")
