@@ -40,3 +40,28 @@ def test_pair_sides_share_variant_settings_and_fall_back_to_clean(tmp_path):
         assert a is not None and a == b, (p, a, b)
         seen.add(a)
     assert "clean" in seen and len(seen) >= 3   # both variants and the clean fallback occur
+
+
+def test_each_stage_draws_augmented_samples_at_its_own_rate(tmp_path):
+    """The demo's 20/30/50% per stage, as the trainer opens its data, over many draws."""
+    from jobs import distributed, train
+    from tests.conftest import make_cfg
+
+    run_dir = make_run(tmp_path, variants=1)
+    demo = make_cfg(tmp_path)
+    info = distributed.DistInfo(0, 1, 0, torch.device("cpu"))
+    store = LatentStore(run_dir / "encode")
+    for stage, expected in (("stage1", 0.2), ("stage2", 0.3), ("stage3", 0.5)):
+        scfg = getattr(demo, stage)
+        assert scfg.augment_prob == expected
+        _, train_set, val_set, _, _ = train.open_data(demo, run_dir, scfg, info)
+        train_set.pairs = train_set.pairs * 100                     # 1600 draws per epoch
+        draws = []
+        for epoch in (1, 2):
+            train_set.set_epoch(epoch)
+            for i, p in enumerate(train_set.pairs):
+                x, _ = train_set[i]
+                clean = torch.from_numpy(store.get(p["song"], p["input"]).astype(np.float32))
+                draws.append(not torch.equal(x, clean))
+        assert abs(np.mean(draws) - expected) < 0.04, (stage, np.mean(draws))
+        assert val_set.augment_prob == 0.0
