@@ -28,13 +28,12 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
-import yaml
 from tqdm import tqdm
 
 from data_prep.corpus import ensure_corpus, file_lock
 from data_prep.decode import AUDIO_EXTS, AudioError, iter_blocks, probe
 from pipeline.atomic import atomic_path, atomic_write_json, atomic_write_text
-from pipeline.config import from_dict, write_resolved
+from pipeline.config import ConfigError, load_resolved, write_resolved
 from pipeline.schema import Config
 from pipeline.tracking import CHILD_FILE, ensure_parent_run, step_run
 
@@ -445,11 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", type=Path, default=None,
                         help="music folder (default: data.source, or the demo corpus)")
     args = parser.parse_args(argv)
-    resolved = args.run_dir / "config.resolved.yaml"
-    if not resolved.is_file():
-        print(f"error: no resolved config at {resolved}", file=sys.stderr)
+    try:
+        cfg = load_resolved(args.run_dir)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    cfg = from_dict(yaml.safe_load(resolved.read_text()))
     num_shards = args.num_shards or cfg.data.num_shards
     summary = run_shard(cfg, args.run_dir, args.shard, num_shards, args.source)
     print(f"chunk shard {args.shard}/{num_shards} -> {chunk_dir(args.run_dir)}")

@@ -24,8 +24,9 @@ import torch
 from tqdm import tqdm
 
 from data_prep.codecs import Codec, load_codec
-from data_prep.pairs import load_run_config, ok_songs
+from data_prep.pairs import ok_songs
 from pipeline.atomic import atomic_path, atomic_write_json, is_temp_file
+from pipeline.config import load_resolved
 from pipeline.schema import Config
 from pipeline.tracking import CHILD_FILE, step_run
 
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", required=True, type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    manifest = run(load_run_config(args.run_dir), args.run_dir)
+    manifest = run(load_resolved(args.run_dir), args.run_dir)
     print(json.dumps({k: manifest[k] for k in ("codec", "kind", "pretrained", "songs", "rows",
                                                "frames")}
                      | {"augmented_rows": manifest["augment"]["rows"]}))

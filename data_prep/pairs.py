@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.atomic import atomic_write_json, atomic_write_text
+from pipeline.config import load_resolved
 from pipeline.schema import Config
 from pipeline.tracking import CHILD_FILE, step_run
 
@@ -145,24 +146,12 @@ def run(cfg: Config, run_dir: Path) -> dict:
     return summary
 
 
-def load_run_config(run_dir: Path) -> Config:
-    """The resolved config a run was submitted with (run_dir/config.resolved.yaml)."""
-    import yaml
-    from pipeline.config import from_dict
-
-    path = Path(run_dir) / "config.resolved.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: a run folder holds the config it was "
-                                "submitted with (written by pipeline.run)")
-    return from_dict(yaml.safe_load(path.read_text()))
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", required=True, type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    summary = run(load_run_config(args.run_dir), args.run_dir)
+    summary = run(load_resolved(args.run_dir), args.run_dir)
     print(json.dumps({k: summary[k] for k in ("songs", "pairs", "mode")}))
 
 

@@ -316,8 +316,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def load_run(run: Optional[str]) -> tuple[Config, Path]:
     """Config and folder of a run: run_dir/config.resolved.yaml (default run: runs/<run.name>)."""
-    import yaml
-
     if run is None:
         base = config_mod.load()
         run = str(Path(base.run.root) / base.run.name)
@@ -327,7 +325,7 @@ def load_run(run: Optional[str]) -> tuple[Config, Path]:
         runs = sorted(str(p.parent) for p in run_dir.parent.glob("*/config.resolved.yaml"))
         raise SystemExit(f"no resolved config at {path}: pass --run <run folder>"
                          + (f" (run folders here: {', '.join(runs)})" if runs else ""))
-    return config_mod.from_dict(yaml.safe_load(path.read_text())), run_dir
+    return config_mod.load_resolved(run_dir), run_dir
 
 
 if __name__ == "__main__":

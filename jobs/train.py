@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
@@ -132,13 +131,10 @@ class RealFake(nn.Module):
 
 def load_config(run_dir: Path) -> Config:
     """The run's resolved config (written by the orchestrator)."""
-    path = run_dir / "config.resolved.yaml"
-    if not path.exists():
-        raise BadInput(f"resolved config not found: {path}")
     try:
-        return config_mod.from_dict(yaml.safe_load(path.read_text()) or {})
+        return config_mod.load_resolved(run_dir)
     except config_mod.ConfigError as exc:
-        raise BadInput(f"{path}: {exc}") from None
+        raise BadInput(str(exc)) from None
 
 
 def set_determinism(scfg: StageConfig, seed: int) -> None:

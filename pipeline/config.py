@@ -279,3 +279,16 @@ def write_resolved(cfg: Config, folder: Path) -> Path:
 def from_dict(data: dict) -> Config:
     """Rebuild a Config from a resolved dict (as written by write_resolved)."""
     return build(data)
+
+
+def load_resolved(run_dir: Path) -> Config:
+    """The config a run was submitted with (run_dir/config.resolved.yaml): every job reads
+    this one file, so all steps of a run agree."""
+    path = Path(run_dir) / "config.resolved.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no resolved config at {path}: a run folder holds the config it "
+                          "was submitted with (written by pipeline.run)")
+    try:
+        return from_dict(yaml.safe_load(path.read_text()) or {})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

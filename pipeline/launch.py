@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import yaml
 
 from pipeline import config as config_mod
 from pipeline import dag, state
@@ -48,10 +47,10 @@ class Interrupted(StepFailed):
 
 def load_run_config(run_dir: Path) -> Config:
     """The config the submitter wrote for this run."""
-    path = Path(run_dir) / "config.resolved.yaml"
-    if not path.exists():
-        raise StepFailed(f"{path} not found: submit through pipeline.run")
-    return config_mod.from_dict(yaml.safe_load(path.read_text()))
+    try:
+        return config_mod.load_resolved(run_dir)
+    except config_mod.ConfigError as exc:
+        raise StepFailed(str(exc)) from None
 
 
 def on_slurm() -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline import dag, state
-from pipeline.executor import LIVE_STATES, make_executor
+from pipeline.executor import make_executor
 from pipeline.launch import load_run_config
 from pipeline.run import live_jobs, log, submit_steps
 

@@ -22,7 +22,9 @@ def test_defaults_stage_files_and_experiment_merge():
     assert base.stage2.kl is not None and base.stage2.kl.beta == 0.05
     assert base.stage1.gan is None and base.stage3.gan.loss == "bce"
     # the experiment overrides one key deep and keeps the siblings from the stage file
-    assert demo.stage3.gan.adv_ramp_epochs == 2
+    exp = yaml.safe_load((config.CONFIG_DIR / "experiments" / "demo.yaml").read_text())
+    assert demo.stage3.gan.adv_ramp_epochs == exp["stage3"]["gan"]["adv_ramp_epochs"]
+    assert demo.stage3.gan.adv_ramp_epochs != base.stage3.gan.adv_ramp_epochs
     assert demo.stage3.gan.label_smoothing == base.stage3.gan.label_smoothing
 
 
@@ -123,3 +125,11 @@ def test_both_cluster_profiles_load():
     slurm = config.load(cluster="slurm")
     assert local.cluster.executor == "local" and slurm.cluster.executor == "slurm"
     assert slurm.cluster.steps["stage3"].gpus_per_node == 4
+
+
+def test_load_resolved_names_the_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"no resolved config at .*config.resolved.yaml"):
+        config.load_resolved(tmp_path)
+    cfg = config.load("demo")
+    config.write_resolved(cfg, tmp_path)
+    assert config.load_resolved(tmp_path) == cfg
