@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from pipeline.atomic import atomic_write_json
 from pipeline.config import section_hash
@@ -75,8 +75,9 @@ def ensure_parent_run(cfg: Config, run_dir: Path) -> str:
 class StepTracker:
     """Logs for one step; every method is a no-op when disabled (rank != 0)."""
 
-    def __init__(self, mlflow_module: Any = None):
+    def __init__(self, mlflow_module: Any = None, new_run: Optional[Callable[[], str]] = None):
         self._mlflow = mlflow_module
+        self._new_run = new_run
         self.run_id: Optional[str] = None
 
     @property
@@ -84,8 +85,13 @@ class StepTracker:
         return self._mlflow is not None
 
     def log_params(self, params: dict) -> None:
+        """Log params; if a reopened run holds other values (params are write-once in
+        MLflow, e.g. another checkpoint evaluated), continue in a new child run."""
         if self.enabled:
             flat = _flat_params(params)
+            logged = self._mlflow.get_run(self.run_id).data.params
+            if self._new_run and any(logged.get(k, v) != v for k, v in flat.items()):
+                self.run_id = self._new_run()
             items = list(flat.items())
             for i in range(0, len(items), 100):
                 self._mlflow.log_params(dict(items[i:i + 100]))
@@ -123,18 +129,23 @@ def step_run(cfg: Config, run_dir: Path, step: str, rank: int = 0,
         if record.get("config") == config_key:
             previous = record["run_id"]
     sysm = cfg.mlflow.system_metrics if system_metrics is None else system_metrics
-    kwargs: dict = {"log_system_metrics": sysm}
-    if previous:
-        kwargs["run_id"] = previous
-    else:
-        kwargs.update(run_name=step, experiment_id=exp_id,
-                      tags={"mlflow.parentRunId": parent, "pipeline.step": step,
-                            "pipeline.run": cfg.run.name})
-    run = mlflow.start_run(**kwargs)
-    atomic_write_json(child_file, {"run_id": run.info.run_id, "parent": parent,
-                                   "config": config_key})
-    tracker = StepTracker(mlflow)
-    tracker.run_id = run.info.run_id
+    fresh = {"run_name": step, "experiment_id": exp_id,
+             "tags": {"mlflow.parentRunId": parent, "pipeline.step": step,
+                      "pipeline.run": cfg.run.name}}
+
+    def start(reopen: Optional[str]) -> str:
+        run = mlflow.start_run(log_system_metrics=sysm,
+                               **({"run_id": reopen} if reopen else fresh))
+        atomic_write_json(child_file, {"run_id": run.info.run_id, "parent": parent,
+                                       "config": config_key})
+        return run.info.run_id
+
+    def new_run() -> str:
+        mlflow.end_run(status="FINISHED")
+        return start(None)
+
+    tracker = StepTracker(mlflow, new_run)
+    tracker.run_id = start(previous)
     status = "FAILED"
     try:
         yield tracker

@@ -46,3 +46,22 @@ def test_other_ranks_log_nothing(tmp_path):
         assert not tr.enabled
         tr.log_metrics({"loss": 1.0})
     assert not (tmp_path / "runs" / "t" / "stage1").exists()
+
+
+def test_reopened_run_with_other_params_continues_in_a_new_child(tmp_path):
+    cfg = make_cfg(tmp_path)
+    run_dir = tmp_path / "runs" / "t"
+    with tracking.step_run(cfg, run_dir, "evaluate") as tr:
+        tr.log_params({"checkpoint": "best.pt"})
+        first = tr.run_id
+    with tracking.step_run(cfg, run_dir, "evaluate") as tr:   # same config, other checkpoint
+        assert tr.run_id == first
+        tr.log_params({"checkpoint": "last.pt"})
+        tr.log_metrics({"fd": 1.0})
+        second = tr.run_id
+    assert second != first
+    client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
+    assert client.get_run(second).data.params["checkpoint"] == "last.pt"
+    assert client.get_run(second).data.tags["mlflow.parentRunId"] == \
+        client.get_run(first).data.tags["mlflow.parentRunId"]
+    assert json.loads((run_dir / "evaluate" / tracking.CHILD_FILE).read_text())["run_id"] == second
