@@ -35,7 +35,7 @@ from data_prep.decode import AUDIO_EXTS, AudioError, iter_blocks, probe
 from pipeline.atomic import atomic_path, atomic_write_json, atomic_write_text
 from pipeline.config import ConfigError, load_resolved, write_resolved
 from pipeline.schema import Config
-from pipeline.tracking import CHILD_FILE, ensure_parent_run, step_run
+from pipeline.tracking import ensure_parent_run, step_run
 
 # The data settings that change what is written; others (workers, shards) do not.
 CHUNK_KEYS = ("sample_rate", "channels", "chunk_seconds", "tail", "min_seconds", "silence_db",
@@ -389,17 +389,6 @@ def _run_jobs(jobs: list[tuple], workers: int, journal: Path, desc: str) -> tupl
     return records, reused
 
 
-def _new_child_run_if_changed(summary_path: Path, spec: ChunkSpec, source: Path,
-                              step_dir: Path) -> None:
-    """Same settings and source reopen the shard's MLflow run; changed ones start a new run
-    (MLflow refuses to change a logged param, and it is a different experiment anyway)."""
-    if not summary_path.exists():
-        return
-    old = json.loads(summary_path.read_text())
-    if old.get("config_hash") != spec.config_hash or old.get("source") != str(source):
-        (step_dir / CHILD_FILE).unlink(missing_ok=True)
-
-
 def run_shard(cfg: Config, run_dir: Path, shard: int = 0, num_shards: int = 1,
               source: Path | None = None) -> dict:
     """Chunk shard `shard` of `num_shards` of the source folder into run_dir/chunk."""
@@ -417,7 +406,6 @@ def run_shard(cfg: Config, run_dir: Path, shard: int = 0, num_shards: int = 1,
     tag = f"{shard}-of-{num_shards}"
     manifest = out_dir / f"manifest-{tag}.jsonl"
     journal = out_dir / f"manifest-{tag}.jsonl.partial"
-    _new_child_run_if_changed(out_dir / f"summary-{tag}.json", spec, source, out_dir / f"shard-{tag}")
     with file_lock(run_dir / ".mlflow.lock"):  # shards starting together must not both
         ensure_parent_run(cfg, run_dir)       # create the sqlite store or the parent run
     with step_run(cfg, run_dir, f"chunk/shard-{tag}") as tracker:

@@ -28,7 +28,7 @@ from data_prep.pairs import ok_songs
 from pipeline.atomic import atomic_path, atomic_write_json, is_temp_file
 from pipeline.config import load_resolved
 from pipeline.schema import Config
-from pipeline.tracking import CHILD_FILE, step_run
+from pipeline.tracking import step_run
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,6 @@ def prepare_shard_dir(shards: Path, plan_file: Path, signatures: dict[str, str])
                 path.unlink()
     if old != signatures:
         if old:
-            (plan_file.parent / CHILD_FILE).unlink(missing_ok=True)
             (plan_file.parent / "manifest.json").unlink(missing_ok=True)  # stale until rebuilt
         atomic_write_json(plan_file, signatures)
 

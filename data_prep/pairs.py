@@ -17,7 +17,7 @@ import numpy as np
 from pipeline.atomic import atomic_write_json, atomic_write_text
 from pipeline.config import load_resolved
 from pipeline.schema import Config
-from pipeline.tracking import CHILD_FILE, step_run
+from pipeline.tracking import step_run
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,6 @@ def _check_split(name: str, songs: list[str], pairs: list[dict], total_songs: in
                          "pairs.shuffle_targets, or give more songs")
 
 
-def _settings(summary: dict) -> tuple:
-    return tuple(summary.get(k) for k in ("seed", "gap", "stride", "val_fraction", "mode"))
-
-
 def _jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
 
@@ -126,9 +122,6 @@ def run(cfg: Config, run_dir: Path) -> dict:
                "seed": cfg.run.seed, "gap": pc.gap, "stride": pc.stride,
                "val_fraction": pc.val_fraction,
                "mode": "shuffle_targets" if pc.shuffle_targets else "continuation"}
-    previous = out / "summary.json"
-    if previous.exists() and _settings(json.loads(previous.read_text())) != _settings(summary):
-        (out / CHILD_FILE).unlink(missing_ok=True)  # new settings: a new MLflow child run
     with step_run(cfg, run_dir, "pairs") as tr:
         for name, (_, pairs) in splits.items():
             atomic_write_text(out / f"{name}.jsonl", _jsonl(pairs))
