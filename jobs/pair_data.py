@@ -91,8 +91,9 @@ class PairDataset(Dataset):
         v_in, v_tgt = self._variants(index, pair)
         inp = self._chunk(pair["song"], int(pair["input"]), v_in)
         tgt = self._chunk(pair["target_song"], int(pair["target"]), v_tgt)
-        return (torch.from_numpy(np.asarray(inp, dtype=np.float32)),
-                torch.from_numpy(np.asarray(tgt, dtype=np.float32)))
+        # torch widens float16 with vector instructions, numpy one value at a time (7x slower)
+        return (torch.tensor(np.asarray(inp), dtype=torch.float32),
+                torch.tensor(np.asarray(tgt), dtype=torch.float32))
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
