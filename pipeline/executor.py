@@ -10,9 +10,11 @@ import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from pipeline.schema import Config, Resources
+
+T = TypeVar("T")
 
 # Live states (the job still exists in the queue or is running).
 LIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
@@ -53,6 +55,11 @@ class Executor(ABC):
     def cancel(self, job_ids: list[str]) -> None:
         """Cancel these jobs (queued or running)."""
 
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run one of the driver's bookkeeping functions (the MLflow parent run); here,
+        in this process."""
+        return fn(*args)
+
     def script(self, sub: Submission) -> str:
         """What would be submitted (for dry runs)."""
         return f"# {self.name}: {sub.step} would run here"
@@ -66,6 +73,13 @@ def resolve_cluster(choice: Optional[str], cfg_executor: str = "auto") -> str:
     if pick not in ("local", "slurm"):
         raise ValueError(f"cluster must be local, slurm or auto, got '{pick}'")
     return pick
+
+
+def prestart(name: str) -> None:
+    """Start early what a backend needs before its first step (local: the warm fork server)."""
+    if name == "local":
+        from pipeline.local_executor import start_fork_server
+        start_fork_server()
 
 
 def make_executor(name: str, cfg: Config, run_dir: Path, dry_run: bool = False) -> Executor:

@@ -25,7 +25,7 @@ import yaml
 from pipeline import config as config_mod
 from pipeline import dag, state, tracking
 from pipeline.config import ConfigError
-from pipeline.executor import (LIVE_STATES, Executor, Submission, make_executor,
+from pipeline.executor import (LIVE_STATES, Executor, Submission, make_executor, prestart,
                                resolve_cluster)
 from pipeline.schema import Config
 
@@ -168,25 +168,20 @@ def prepare_run(cfg: Config, run_dir: Path, executor: Executor, steps: list[str]
     if "chunk" in steps and not cfg.data.source:
         from data_prep.corpus import ensure_corpus
         ensure_corpus(cfg, run_dir)
-    parent = tracking.ensure_parent_run(cfg, run_dir)
+    tags = {f"submit.{key}": value for key, value in params.items()}
+    parent = executor.call(tracking.tag_parent_run, cfg, run_dir, tags)
 
     def change(d: dict) -> None:
         d.update(run=cfg.run.name, cluster=executor.name, target=target, target_steps=steps,
                  mlflow_parent=parent, driver_pid=os.getpid(), submit_params=params)
     state.update(run_dir, change)
-    import mlflow
-    client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
-    for key, value in params.items():
-        client.set_tag(parent, f"submit.{key}", str(value))
 
 
-def finish_parent(cfg: Config, run_dir: Path, ok: bool) -> None:
+def finish_parent(cfg: Config, run_dir: Path, executor: Executor, ok: bool) -> None:
     """Close the MLflow parent run once a local run has ended (SLURM runs leave it open)."""
-    import mlflow
     parent = state.load(run_dir).get("mlflow_parent")
     if parent:
-        mlflow.MlflowClient(tracking.tracking_uri(cfg)).set_terminated(
-            parent, status="FINISHED" if ok else "FAILED")
+        executor.call(tracking.end_parent_run, cfg, parent, ok)
 
 
 def demo_report(cfg: Config, run_dir: Path) -> None:
@@ -246,6 +241,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for name in args.force:
             dag.step(name)
         cluster = resolve_cluster(args.cluster)
+        if not args.dry_run:
+            prestart(cluster)
         cfg = _absolute_root(config_mod.load(args.experiment, cluster, build_overrides(args)))
         steps = dag.plan(args.target)
         for name in args.force:
@@ -276,7 +273,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ended = state.load(run_dir)["steps"]
     failed = [s for s in jobs if ended[s].get("state") in ("FAILED", "CANCELLED")]
     if cluster == "local":
-        finish_parent(cfg, run_dir, not failed)
+        finish_parent(cfg, run_dir, executor, not failed)
     if failed:
         return 1
     if cluster == "slurm":

@@ -72,6 +72,22 @@ def ensure_parent_run(cfg: Config, run_dir: Path) -> str:
     return run.info.run_id
 
 
+def tag_parent_run(cfg: Config, run_dir: Path, tags: dict) -> str:
+    """Create the parent run if needed, tag it (e.g. with the submission's options); its id."""
+    parent = ensure_parent_run(cfg, run_dir)
+    mlflow, _ = _setup(cfg)
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(parent, key, str(value))
+    return parent
+
+
+def end_parent_run(cfg: Config, run_id: str, ok: bool) -> None:
+    """Mark the parent run FINISHED or FAILED (local runs, once every step has ended)."""
+    mlflow, _ = _setup(cfg)
+    mlflow.MlflowClient().set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+
+
 class StepTracker:
     """Logs for one step; every method is a no-op when disabled (rank != 0)."""
 
