@@ -41,6 +41,7 @@ def measure_encode(source: str, run_root: str, codec: str, sample_rate: int,
     from data_prep.codecs import load_codec
     from data_prep.encode import as_float, open_songs
     from data_prep.encode import run as encode_step
+    from pipeline.malloc import reuse_freed_memory
     from pipeline.tracking import ensure_parent_run
 
     cfg = encode_config(Path(run_root), f"encode-{codec}", Path(source), sample_rate,
@@ -55,6 +56,7 @@ def measure_encode(source: str, run_root: str, codec: str, sample_rate: int,
     start = time.perf_counter()
     model = load_codec(cfg.encode, sample_rate, "cpu", seed=cfg.run.seed)
     build_s = time.perf_counter() - start
+    reuse_freed_memory()   # as the encode step does; set here so both paths run with it
     model.encode(waves[:batch_size])  # warm the kernels for both paths
     step_s, compute_s = [], []
     for _ in range(repeats):

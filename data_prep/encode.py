@@ -14,10 +14,12 @@ import argparse
 import hashlib
 import json
 import logging
+import queue
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -27,12 +29,15 @@ from data_prep.codecs import Codec, load_codec
 from data_prep.pairs import ok_songs
 from pipeline.atomic import atomic_path, atomic_write_json, is_temp_file
 from pipeline.config import load_resolved
+from pipeline.malloc import reuse_freed_memory
 from pipeline.schema import Config
 from pipeline.tracking import step_run
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LATENT_DTYPE = np.float16
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 CLEAN_PATTERN = "latents-{:05d}.npy"
 AUG_PATTERN = "aug-{:05d}.npy"
 
@@ -126,43 +131,121 @@ def prepare_shard_dir(shards: Path, plan_file: Path, signatures: dict[str, str])
 
 
 # --- encoding ----------------------------------------------------------------------------
-def encode_batches(codec: Codec, waves: Iterator[np.ndarray], batch_size: int,
-                   device: torch.device) -> Iterator[np.ndarray]:
-    """Encode [C, S] float32 waves in batches; yield float16 [128, T] latents in order."""
-    def flush(batch: list[np.ndarray]) -> Iterator[np.ndarray]:
-        x = torch.from_numpy(np.stack(batch))
+def read_batches(arrays: dict[str, np.ndarray], rows: list[tuple[str, int]],
+                 batch_size: int) -> Iterator[np.ndarray]:
+    """[B, C, S] float32 batches of the (song, chunk) rows. Each chunk is read from its
+    .npy with a plain file read straight into the batch buffer: one copy, and no page
+    fault per 4 kB page as touching a memmap would cost."""
+    for i in range(0, len(rows), batch_size):
+        part = rows[i:i + batch_size]
+        first = arrays[part[0][0]]
+        batch = np.empty((len(part), *first.shape[1:]), dtype=np.float32)
+        for j, (song, chunk) in enumerate(part):
+            read_chunk(arrays[song], chunk, batch[j])
+        yield batch
+
+
+def read_chunk(array: np.ndarray, chunk: int, out: np.ndarray) -> None:
+    """Chunk `chunk` of a [chunks, C, S] float32 or int16 array (np.load memmap) into the
+    float32 buffer `out`, scaled to [-1, 1]."""
+    if array.shape[1:] != out.shape:
+        raise EncodeError(f"chunk {chunk} has shape {array.shape[1:]}, expected {out.shape}")
+    raw = out if array.dtype == np.float32 else np.empty(out.shape, dtype=array.dtype)
+    filename = getattr(array, "filename", None)
+    if filename is None or not array.dtype.isnative:
+        raw[...] = array[chunk]
+    else:
+        with open(filename, "rb") as fh:
+            fh.seek(array.offset + chunk * raw.nbytes)
+            if fh.readinto(memoryview(raw).cast("B")) != raw.nbytes:
+                raise EncodeError(f"{filename}: chunk {chunk} is cut short")
+    if raw is not out:
+        np.multiply(raw, 1.0 / 32768.0, out=out, casting="unsafe")
+
+
+def stack_batches(waves: Iterator[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
+    """Group [C, S] waves into [B, C, S] float32 batches (the last one may be smaller)."""
+    group: list[np.ndarray] = []
+    for wave in waves:
+        group.append(wave)
+        if len(group) == batch_size:
+            yield np.stack(group).astype(np.float32, copy=False)
+            group = []
+    if group:
+        yield np.stack(group).astype(np.float32, copy=False)
+
+
+def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """Produce `items` in a background thread up to `depth` ahead, so that reading the next
+    batch (numpy copies release the GIL) overlaps encoding this one. An error in the
+    producer is raised here; leaving early stops the producer."""
+    box: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        box.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            box.put((done, None))
+        except BaseException as exc:   # handed to the consumer
+            box.put((done, exc))
+
+    thread = threading.Thread(target=produce, name="encode-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = box.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def encode_batches(codec: Codec, batches: Iterator[np.ndarray],
+                   device: torch.device) -> Iterator[torch.Tensor]:
+    """Encode [B, C, S] float32 batches; yield float32 [B, 128, T] latents (on the CPU) in
+    order, each checked to fit float16 (finite, |z| <= 65504)."""
+    for batch in batches:
+        x = torch.from_numpy(batch)
         if device.type == "cuda":
             x = x.pin_memory().to(device, non_blocking=True)
-        z = codec.encode(x).float().cpu().numpy()
-        out = z.astype(LATENT_DTYPE)
-        if not np.isfinite(out).all():
+        z = codec.encode(x).float()
+        peak = z.abs().amax().item()   # NaN and inf fail the test below as well
+        if not peak <= FLOAT16_MAX:
             raise EncodeError(f"codec {codec.name} gave non-finite latents (or values beyond "
-                              f"float16's range, max |z| = {np.abs(z).max():.3g})")
-        yield from out
-
-    batch: list[np.ndarray] = []
-    for wave in waves:
-        batch.append(wave)
-        if len(batch) == batch_size:
-            yield from flush(batch)
-            batch = []
-    if batch:
-        yield from flush(batch)
+                              f"float16's range, max |z| = {peak:.3g})")
+        yield z.cpu()
 
 
-def write_shard(path: Path, latents: Iterator[np.ndarray], rows: int, dim: int,
+def write_shard(path: Path, batches: Iterator[torch.Tensor], rows: int, dim: int,
                 frames: int) -> None:
-    """Fill a [rows, dim, frames] float16 .npy through a memmap in a temp file, then rename."""
-    with atomic_path(path) as tmp:
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=LATENT_DTYPE,
-                                       shape=(rows, dim, frames))
+    """Stream [B, dim, frames] batches as float16 rows of a .npy into a temp file, then
+    rename (plain writes: a memmap would fault on each new 4 kB page)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(LATENT_DTYPE)),
+            "fortran_order": False, "shape": (rows, dim, frames)})
         n = 0
-        for n, z in enumerate(latents, 1):
-            mm[n - 1] = z
+        for z in batches:
+            if n + len(z) > rows or tuple(z.shape[1:]) != (dim, frames):
+                raise EncodeError(f"{path.name}: got a batch of shape {tuple(z.shape)} after "
+                                  f"{n} of {rows} rows of [{dim}, {frames}]")
+            fh.write(memoryview(z.to(torch.float16).contiguous().numpy()).cast("B"))
+            n += len(z)
         if n != rows:
             raise EncodeError(f"{path.name}: got {n} latents for {rows} rows")
-        mm.flush()
-        del mm
 
 
 def _plain(obj):
@@ -209,8 +292,8 @@ def encode_clean(codec: Codec, arrays: dict[str, np.ndarray], groups: list, todo
                  shards: Path, batch_size: int, frames: int, bar: tqdm) -> None:
     """Write the missing clean shards `todo` (each a list of (song, chunk) rows)."""
     for k in todo:
-        waves = (as_float(arrays[s][c]) for s, c in groups[k])
-        latents = encode_batches(codec, _ticking(waves, bar), batch_size, codec.device)
+        batches = prefetched(read_batches(arrays, groups[k], batch_size))
+        latents = encode_batches(codec, _ticking(batches, bar), codec.device)
         write_shard(shards / CLEAN_PATTERN.format(k), latents, len(groups[k]),
                     codec.latent_dim, frames)
 
@@ -225,9 +308,11 @@ def encode_augmented(codec: Codec, arrays: dict[str, np.ndarray], groups: list,
         dropped: dict = {}
         waves = augmented_waves(groups[k], arrays, all_songs, train, samples, cfg, meta,
                                 dropped, lambda: bar.update(1))
-        latents = list(encode_batches(codec, waves, cfg.encode.batch_size, codec.device))
+        latents = [z.half() for z in encode_batches(
+            codec, stack_batches(waves, cfg.encode.batch_size), codec.device)]
         path = shards / AUG_PATTERN.format(k)
-        write_shard(path, iter(latents), len(latents), codec.latent_dim, frames)
+        write_shard(path, iter(latents), sum(len(z) for z in latents), codec.latent_dim,
+                    frames)
         atomic_write_json(path.with_suffix(".json"),
                           {"rows": meta, "dropped": dropped, "sources": len(groups[k])})
 
@@ -237,6 +322,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     from pipeline.config import write_resolved
 
     run_dir = Path(run_dir)
+    reuse_freed_memory()   # the encoder allocates its big intermediates anew every batch
     out, shards = run_dir / "encode", run_dir / "encode" / "shards"
     enc = cfg.encode
     arrays, samples = open_songs(run_dir)
@@ -289,10 +375,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
     return manifest
 
 
-def _ticking(items: Iterator, bar: tqdm) -> Iterator:
-    for item in items:
-        yield item
-        bar.update(1)
+def _ticking(batches: Iterator[np.ndarray], bar: tqdm) -> Iterator[np.ndarray]:
+    for batch in batches:
+        yield batch
+        bar.update(len(batch))
 
 
 def build_manifest(codec: Codec, shards: Path, clean: list, aug: list, frames: int,

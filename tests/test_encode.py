@@ -187,3 +187,40 @@ def test_missing_chunk_array_is_a_clear_error(tmp_path, uri):
     (run_dir / "chunk/songs/b.npy").unlink()
     with pytest.raises(encode.EncodeError, match=r"songs/b.npy of song b is missing"):
         encode.run(cfg, run_dir)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int16"])
+def test_read_batches_match_the_arrays(tmp_path, dtype):
+    """File reads into batch buffers give the same floats as the memmap, scaled for int16."""
+    rng = np.random.default_rng(0)
+    data = {s: (rng.standard_normal((3, 1, 50)) * 1000).astype(dtype) for s in ("a", "b")}
+    arrays = {}
+    for song, arr in data.items():
+        np.save(tmp_path / f"{song}.npy", arr)
+        arrays[song] = np.load(tmp_path / f"{song}.npy", mmap_mode="r")
+    rows = [("a", 2), ("b", 0), ("b", 1), ("a", 0)]
+    batches = list(encode.read_batches(arrays, rows, 3))
+    assert [len(b) for b in batches] == [3, 1]
+    scale = 1 / 32768 if dtype == "int16" else 1.0
+    want = np.stack([data[s][c].astype(np.float32) * scale for s, c in rows])
+    np.testing.assert_allclose(np.concatenate(batches), want, rtol=1e-6)
+
+
+def test_prefetched_keeps_order_and_raises_the_producers_error():
+    assert list(encode.prefetched(iter(range(20)), depth=2)) == list(range(20))
+
+    def broken():
+        yield 1
+        raise OSError("disk gone")
+    with pytest.raises(OSError, match="disk gone"):
+        list(encode.prefetched(broken()))
+
+
+def test_write_shard_refuses_a_wrong_row_count(tmp_path):
+    path = tmp_path / "latents-00000.npy"
+    with pytest.raises(encode.EncodeError, match="got 2 latents for 3 rows"):
+        encode.write_shard(path, iter([torch.zeros(2, 4, 5)]), rows=3, dim=4, frames=5)
+    assert not path.exists() and not list(tmp_path.iterdir())   # no half file left
+    encode.write_shard(path, iter([torch.ones(2, 4, 5), torch.ones(1, 4, 5)]), 3, 4, 5)
+    out = np.load(path)
+    assert out.dtype == np.float16 and out.shape == (3, 4, 5) and out.sum() == 60
