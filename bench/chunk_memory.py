@@ -45,7 +45,8 @@ def run(sizes: dict, work: Path) -> list[Row]:
         pipe = run_child("bench.chunk_throughput:measure_pipeline",
                          {"source": str(path.parent), "run_root": str(root),
                           "run_name": f"pipeline-{minutes:g}", "sample_rate": rate,
-                          "chunk_seconds": s["chunk_seconds"], "workers": s["workers"]},
+                          "chunk_seconds": s["chunk_seconds"], "workers": s["workers"],
+                          "warm": False},
                          logs / f"memory-pipeline-{minutes:g}.log")
         base = run_child("bench.chunk_throughput:measure_baseline",
                          {"source": str(path.parent), "out_dir": str(root / f"baseline-{minutes:g}"),

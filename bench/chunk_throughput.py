@@ -41,13 +41,17 @@ def init_tracking(run_root: str, source: str, sample_rate: int, chunk_seconds: f
 
 
 def measure_pipeline(source: str, run_root: str, run_name: str, sample_rate: int,
-                     chunk_seconds: float, workers: int) -> dict:
+                     chunk_seconds: float, workers: int, warm: bool = True) -> dict:
     """Wall time of one whole chunk step (one shard) on the folder."""
     from data_prep.chunk import run_shard
-    # imports are excluded from every path's time (see run()); pipeline.preload is what a
-    # step's process has imported when the local executor forks it (MLflow's sqlite store
-    # included, 2 s of imports that a SLURM job pays once, not per file)
-    import pipeline.preload  # noqa: F401
+    # imports are excluded from every path's time (see run()). warm: what a step's process
+    # has imported when the local executor forks it (pipeline.preload: MLflow's sqlite store
+    # included, 2 s of imports that a SLURM job pays once, not per file); else a fresh
+    # job's imports (the memory benchmark: torch's pages are not the chunker's)
+    if warm:
+        import pipeline.preload  # noqa: F401
+    else:
+        import mlflow  # noqa: F401
     cfg = chunk_config(Path(run_root), run_name, Path(source), sample_rate, chunk_seconds, workers)
     run_dir = Path(run_root) / run_name
     start = time.perf_counter()

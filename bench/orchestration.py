@@ -149,10 +149,12 @@ def local_row(root: Path, source: Path, chunk_seconds: float, logs: Path) -> Row
                f"{work:.1f} s", max(per_step, 1e-3) / OVERHEAD_LIMIT_S,
                f"<= {OVERHEAD_LIMIT_S:g} s", per_step <= OVERHEAD_LIMIT_S,
                f"own work = the step functions called directly in one warm process ({parts}). "
-               f"The overhead is mostly a fresh interpreter per job ({direct['shards']} chunk "
-               "shards + pairs + encode = "
-               f"{direct['shards'] + 2} launches) importing numpy/torch/mlflow, plus the driver's "
-               "own start, config, signatures and MLflow parent run.")
+               f"Each of the {direct['shards'] + 2} launches ({direct['shards']} chunk shards + "
+               "pairs + encode) is a child forked from the local executor's fork server, "
+               "which imports torch, MLflow and the step modules once (pipeline.preload) while "
+               "the driver starts; the overhead is the driver's own start (interpreter, "
+               "config, signatures), the wait for those imports, and per launch a fork and the "
+               "step's MLflow child run.")
 
 
 def run(sizes: dict, work: Path) -> list[Row]:

@@ -92,3 +92,36 @@ def test_failed_gate_under_torchrun_reports_its_reason_and_stops_the_chain(local
     assert json.loads((root / "gated" / "stage1" / "exit.json").read_text())["exit_code"] == 3
     rows = rows_by_step(root / "gated")
     assert rows["stage1"]["state"] == "FAILED" and "stage2" not in rows
+
+
+def test_cancel_stops_the_driver_and_its_running_step(local_run):
+    """pipeline.cancel on a local run: the driver forwards SIGTERM to the step it forked,
+    the step is recorded CANCELLED, the chain stops, and no training process is left."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tests.pipeline_fixtures import REPO, TINY
+    root = local_run["root"]
+    copy_steps(local_run["run_dir"], root / "cancelled", ["chunk", "pairs", "encode"])
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.run", "stage2", "--experiment", "demo", "--cluster",
+         "local", "--run", "cancelled", f"run.root={root}", *TINY, "stage1.epochs=500"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = root / "cancelled"
+    deadline = time.monotonic() + 120
+    while not (run_dir / "stage1" / "last.pt").exists():   # training is under way
+        assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()
+        time.sleep(0.5)
+    res = pipeline_cli("cancel", "--run", str(run_dir))
+    assert res.returncode == 0, res.stderr
+    _, err = driver.communicate(timeout=120)
+    assert driver.returncode == 1, err[-2000:]
+    assert "stage1: CANCELLED" in err and "stage2: ran" not in err
+    rows = rows_by_step(run_dir)
+    assert rows["stage1"]["state"] in ("CANCELLED", "INTERRUPTED") and "stage2" not in rows
+    left = [p for p in psutil.process_iter(["cmdline"])
+            if str(run_dir) in " ".join(p.info["cmdline"] or [])]
+    assert not left, [p.info["cmdline"] for p in left]
