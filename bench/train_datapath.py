@@ -21,7 +21,7 @@ from bench.report import Row
 
 SPEEDUP_TARGET = 10.0
 WAIT_LIMIT = 0.05
-EPOCHS = 8   # epoch 1 warms up; the data-wait share is pooled over the rest
+EPOCHS = 16   # epoch 1 warms up; the data-wait share is pooled over the rest
 
 
 def train_config(run_root: Path, source: Path, sample_rate: int, chunk_seconds: float,

@@ -53,6 +53,7 @@ from jobs.telemetry import Telemetry
 from jobs.transfer import transfer_weights
 from pipeline import config as config_mod
 from pipeline.atomic import atomic_write_json, atomic_write_text
+from pipeline.malloc import reuse_freed_memory
 from pipeline.schema import Config, StageConfig
 from pipeline.tracking import StepTracker, step_run
 
@@ -543,6 +544,7 @@ def run_stage(cfg: Config, run_dir: Path, stage: str, info: distributed.DistInfo
         config_mod.write_resolved(cfg, out_dir)
 
     # -- data ---------------------------------------------------------------------------
+    reuse_freed_memory()   # batches and activations are allocated anew at every step
     store, train_set, val_set, train_sampler, val_sampler = open_data(cfg, run_dir, scfg, info)
     train_loader = make_loader(train_set, train_sampler, scfg, info)
     val_loader = make_loader(val_set, val_sampler, scfg, info)
