@@ -1,9 +1,10 @@
 """Run the DAG's steps one after another on this machine, each in its own process.
 
-Each step is a child forked from a fork server (multiprocessing's forkserver) that has
-imported torch, MLflow and the step modules once (pipeline.preload), so a step starts in
-milliseconds instead of paying 4-5 s of imports. A crashing step still cannot take the
-driver down with it; logs go to logs/<step>/. Training with more than one process per step
+On Linux each step is a child forked from a fork server (multiprocessing's forkserver)
+that has imported torch, MLflow and the step modules once (pipeline.preload), so a step
+starts in milliseconds instead of paying 4-5 s of imports. Elsewhere (macOS frameworks
+are not fork-safe once loaded) each step is a fresh `python -m pipeline.launch`. A
+crashing step cannot take the driver down with it; logs go to logs/<step>/. Training with more than one process per step
 uses torchrun --standalone (gloo on CPU), decided inside pipeline.launch exactly as on SLURM.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import multiprocessing.forkserver
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -23,10 +25,14 @@ from pipeline import state
 from pipeline.executor import Executor, Submission, Submitted, T
 from pipeline.schema import Config
 
+WARM = sys.platform.startswith("linux")   # fork a warm server's children (else: subprocesses)
+
 
 def start_fork_server() -> None:
     """Start the fork server and its imports in the background, if not yet running; call it
     early so that the imports overlap with the driver's own start."""
+    if not WARM:
+        return
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["pipeline.preload"])
     multiprocessing.forkserver.ensure_running()
@@ -38,10 +44,11 @@ class LocalExecutor(Executor):
     def __init__(self, cfg: Config, run_dir: Path, dry_run: bool = False) -> None:
         self.cfg, self.run_dir, self.dry_run = cfg, Path(run_dir), dry_run
         self._count = 0
-        self._current: multiprocessing.process.BaseProcess | None = None
+        self._current: multiprocessing.process.BaseProcess | subprocess.Popen | None = None
         self.cancelled = False
-        self._ctx = multiprocessing.get_context("forkserver")
-        if not dry_run:
+        self._warm = WARM and not dry_run
+        if self._warm:
+            self._ctx = multiprocessing.get_context("forkserver")
             start_fork_server()
 
     def command(self, sub: Submission, shard: int | None = None) -> list[str]:
@@ -57,32 +64,41 @@ class LocalExecutor(Executor):
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """In a child forked from the warm server, so the driver never imports MLflow."""
-        if self.dry_run:
+        if not self._warm:
             return fn(*args)
         with ProcessPoolExecutor(max_workers=1, mp_context=self._ctx) as pool:
             return pool.submit(fn, *args).result()
 
     def _run_one(self, cmd: list[str], log: Path) -> int:
-        """Run `python -m pipeline.launch <args>` in a forked child; its exit code."""
+        """Run `python -m pipeline.launch <args>` (forked from the warm server on Linux);
+        its exit code."""
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as fh:
             fh.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
-        argv = cmd[cmd.index("pipeline.launch") + 1:]
-        self._current = self._ctx.Process(target=_launch_logged, name=log.stem,
-                                          args=(argv, str(log), dict(os.environ)))
-        previous = signal.signal(signal.SIGTERM, self._forward_term)
-        try:
-            self._current.start()
-            self._current.join()
-            return self._current.exitcode
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            self._current = None
+            fh.flush()
+            previous = signal.signal(signal.SIGTERM, self._forward_term)
+            try:
+                if not self._warm:
+                    self._current = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+                    return self._current.wait()
+                argv = cmd[cmd.index("pipeline.launch") + 1:]
+                self._current = self._ctx.Process(target=_launch_logged, name=log.stem,
+                                                  args=(argv, str(log), dict(os.environ)))
+                self._current.start()
+                self._current.join()
+                return self._current.exitcode
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+                self._current = None
 
     def _forward_term(self, signum: int, _frame) -> None:
         self.cancelled = True
         proc = self._current
-        if proc is not None and proc.pid is not None and proc.exitcode is None:
+        if proc is None or proc.pid is None:
+            return
+        running = proc.poll() is None if isinstance(proc, subprocess.Popen) \
+            else proc.exitcode is None
+        if running:
             os.kill(proc.pid, signum)
 
     def submit(self, sub: Submission) -> Submitted:
