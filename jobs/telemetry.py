@@ -81,7 +81,9 @@ class Telemetry:
         self._samples += int(batch_size)
 
     def epoch_metrics(self) -> dict:
-        """samples_per_s, data_wait_share (0..1) and peak_mem_mb of the epoch; then reset."""
+        """samples_per_s, data_wait_share (0..1) and peak_mem_mb of the epoch; then reset.
+        On CPU peak_mem_mb is peak RSS, which includes the freed heap memory that training
+        keeps for reuse (pipeline.malloc): it shows growth, it does not fall back."""
         elapsed = 0.0
         if self._started is not None and self._last_step is not None:
             elapsed = self._last_step - self._started
