@@ -161,7 +161,7 @@ def read_chunk(array: np.ndarray, chunk: int, out: np.ndarray) -> None:
             if fh.readinto(memoryview(raw).cast("B")) != raw.nbytes:
                 raise EncodeError(f"{filename}: chunk {chunk} is cut short")
     if raw is not out:
-        np.multiply(raw, 1.0 / 32768.0, out=out, casting="unsafe")
+        out[...] = as_float(raw)
 
 
 def stack_batches(waves: Iterator[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:

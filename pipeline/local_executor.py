@@ -4,8 +4,9 @@ On Linux each step is a child forked from a fork server (multiprocessing's forks
 that has imported torch, MLflow and the step modules once (pipeline.preload), so a step
 starts in milliseconds instead of paying 4-5 s of imports. Elsewhere (macOS frameworks
 are not fork-safe once loaded) each step is a fresh `python -m pipeline.launch`. A
-crashing step cannot take the driver down with it; logs go to logs/<step>/. Training with more than one process per step
-uses torchrun --standalone (gloo on CPU), decided inside pipeline.launch exactly as on SLURM.
+crashing step cannot take the driver down with it; logs go to logs/<step>/. Training with
+more than one process per step uses torchrun --standalone (gloo on CPU), decided inside
+pipeline.launch exactly as on SLURM.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from pipeline import state
 from pipeline.executor import Executor, Submission, Submitted, T
@@ -28,14 +29,16 @@ from pipeline.schema import Config
 WARM = sys.platform.startswith("linux")   # fork a warm server's children (else: subprocesses)
 
 
-def start_fork_server() -> None:
-    """Start the fork server and its imports in the background, if not yet running; call it
-    early so that the imports overlap with the driver's own start."""
+def start_fork_server() -> Optional[multiprocessing.context.BaseContext]:
+    """Start the fork server and its imports in the background, if not yet running, and
+    return its context (None off Linux); call it early so that the imports overlap with the
+    driver's own start."""
     if not WARM:
-        return
+        return None
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["pipeline.preload"])
     multiprocessing.forkserver.ensure_running()
+    return ctx
 
 
 class LocalExecutor(Executor):
@@ -46,10 +49,7 @@ class LocalExecutor(Executor):
         self._count = 0
         self._current: multiprocessing.process.BaseProcess | subprocess.Popen | None = None
         self.cancelled = False
-        self._warm = WARM and not dry_run
-        if self._warm:
-            self._ctx = multiprocessing.get_context("forkserver")
-            start_fork_server()
+        self._ctx = None if dry_run else start_fork_server()
 
     def command(self, sub: Submission, shard: int | None = None) -> list[str]:
         cmd = [sys.executable, "-m", "pipeline.launch", "--run-dir", str(sub.run_dir),
@@ -64,7 +64,7 @@ class LocalExecutor(Executor):
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """In a child forked from the warm server, so the driver never imports MLflow."""
-        if not self._warm:
+        if self._ctx is None:
             return fn(*args)
         with ProcessPoolExecutor(max_workers=1, mp_context=self._ctx) as pool:
             return pool.submit(fn, *args).result()
@@ -78,7 +78,7 @@ class LocalExecutor(Executor):
             fh.flush()
             previous = signal.signal(signal.SIGTERM, self._forward_term)
             try:
-                if not self._warm:
+                if self._ctx is None:
                     self._current = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
                     return self._current.wait()
                 argv = cmd[cmd.index("pipeline.launch") + 1:]
@@ -93,13 +93,12 @@ class LocalExecutor(Executor):
 
     def _forward_term(self, signum: int, _frame) -> None:
         self.cancelled = True
-        proc = self._current
-        if proc is None or proc.pid is None:
-            return
-        running = proc.poll() is None if isinstance(proc, subprocess.Popen) \
-            else proc.exitcode is None
-        if running:
-            os.kill(proc.pid, signum)
+        pid = getattr(self._current, "pid", None)
+        if pid is not None:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass   # the step ended as the signal came
 
     def submit(self, sub: Submission) -> Submitted:
         self._count += 1
