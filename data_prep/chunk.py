@@ -5,6 +5,8 @@ splits the work and no two shards write the same file. Each file is decoded in b
 its chunks are streamed straight into the array file (the .npy header is rewritten with the
 final count at the end), so memory stays flat with song length. Every source file gets a
 manifest line (ok, skipped or failed with the reason); one bad file never stops the run.
+Chunks quieter than data.silence_db are not stored, so the line's `positions` gives each
+stored chunk's index in time (a dropped chunk leaves a hole there; pairs must not span it).
 A re-run reuses files whose sha256 and chunk settings are unchanged and whose array exists.
 
 MLflow: every shard logs to its own child run `chunk/shard-<i>-of-<n>` (shards of a job
@@ -157,17 +159,22 @@ class NoChunks(Exception):
     """Nothing to write for this file; the message is the skip reason."""
 
 
-def write_song(blocks: Iterable[np.ndarray], spec: ChunkSpec, out: Path) -> tuple[int, int]:
-    """Stream kept chunks into `out` atomically; returns (chunks written, samples decoded)."""
+def write_song(blocks: Iterable[np.ndarray], spec: ChunkSpec,
+               out: Path) -> tuple[int, int, list[int]]:
+    """Stream kept chunks into `out` atomically; returns (chunks written, samples decoded,
+    each written chunk's position in the song: its index among all cut chunks)."""
     counter: dict = {}
     kept = silent = 0
+    positions: list[int] = []
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:
         header_len = _npy_header(fh, 0, spec.channels, spec.chunk_samples, spec.dtype)
-        for chunk in cut_chunks(blocks, spec.chunk_samples, spec.tail, counter):
+        for position, chunk in enumerate(cut_chunks(blocks, spec.chunk_samples, spec.tail,
+                                                    counter)):
             if spec.silence_db is not None and rms_db(chunk) < spec.silence_db:
                 silent += 1
                 continue
             fh.write(to_dtype(chunk, spec.dtype).tobytes())
+            positions.append(position)
             kept += 1
             if spec.max_chunks and kept >= spec.max_chunks:
                 break
@@ -181,17 +188,18 @@ def write_song(blocks: Iterable[np.ndarray], spec: ChunkSpec, out: Path) -> tupl
         if _npy_header(fh, kept, spec.channels, spec.chunk_samples, spec.dtype) != header_len:
             raise RuntimeError("npy header length changed")  # numpy's padding guarantees it does not
         fh.flush()
-    return kept, counter["samples"]
+    return kept, counter["samples"], positions
 
 
 # --- one file -------------------------------------------------------------------------
 
 def reusable(prev: Optional[dict], sha: str, spec: ChunkSpec, songs_dir: Path) -> bool:
-    """An earlier record still holds: same bytes, same settings, and its array (if any) exists."""
+    """An earlier record still holds: same bytes, same settings, and its array (if any) exists.
+    An ok record without `positions` (written before they were recorded) is redone."""
     if not prev or prev.get("sha256") != sha or prev.get("config_hash") != spec.config_hash:
         return False
     if prev.get("status") == "ok":
-        return (songs_dir.parent / prev["array"]).is_file()
+        return "positions" in prev and (songs_dir.parent / prev["array"]).is_file()
     return prev.get("status") == "skipped"  # failures are retried
 
 
@@ -199,8 +207,8 @@ def process_file(job: tuple) -> tuple[dict, bool]:
     """Chunk one source file; returns (manifest record, reused). Never raises for bad audio."""
     path, relpath, spec, songs_dir, prev = job
     rec = {"source": str(path), "song_id": "", "sha256": "", "duration_s": 0.0,
-           "sample_rate": 0, "channels": 0, "chunks": 0, "array": "", "status": "failed",
-           "reason": "", "config_hash": spec.config_hash}
+           "sample_rate": 0, "channels": 0, "chunks": 0, "positions": [], "array": "",
+           "status": "failed", "reason": "", "config_hash": spec.config_hash}
     try:
         rec["sha256"] = sha = file_sha256(path)
     except OSError as exc:
@@ -219,7 +227,7 @@ def process_file(job: tuple) -> tuple[dict, bool]:
         if info.duration_s < spec.min_seconds:
             raise NoChunks(f"too short: {info.duration_s:.2f} s < min_seconds {spec.min_seconds:g}")
         blocks = iter_blocks(path, spec.sample_rate, spec.channels, spec.block_seconds, info)
-        rec["chunks"], decoded = write_song(blocks, spec, out)
+        rec["chunks"], decoded, rec["positions"] = write_song(blocks, spec, out)
         if not spec.max_chunks or rec["chunks"] < spec.max_chunks:
             rec["duration_s"] = round(decoded / spec.sample_rate, 3)
         rec.update(array=f"songs/{out.name}", status="ok")
@@ -325,8 +333,8 @@ def _crashed(job: tuple) -> tuple[dict, bool]:
     """The record of a file whose decode killed its worker process (e.g. a decoder segfault)."""
     path, _, spec, _, _ = job
     return ({"source": str(path), "song_id": "", "sha256": "", "duration_s": 0.0,
-             "sample_rate": 0, "channels": 0, "chunks": 0, "array": "", "status": "failed",
-             "reason": "decode error: the decoding process died on this file",
+             "sample_rate": 0, "channels": 0, "chunks": 0, "positions": [], "array": "",
+             "status": "failed", "reason": "decode error: the decoding process died on this file",
              "config_hash": spec.config_hash}, False)
 
 

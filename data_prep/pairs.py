@@ -1,9 +1,14 @@
 """Step 2, pairs: an index of [start, continuation] chunk pairs, split into train/val by song.
 
-A pair is (song, input chunk i, target song, target chunk i + 1 + gap); inputs advance by
-`stride`. The split is drawn over songs with run.seed, never over pairs, so no song's audio
-is on both sides. `shuffle_targets` replaces each target with a random chunk of another song
-of the same split (a negative / creative-mode control). Only an index is written; no audio.
+Chunks are placed in time by the chunk manifest's `positions` (silent chunks are not
+stored, so stored index and position differ after a hole). With pairs.target "next" a pair
+is (song, input chunk, target song, the chunk at position input + 1 + gap), so no pair spans
+a hole; with "same" the target is the input chunk itself (reconstruction, as MusicVAE).
+Inputs are the chunks whose position is a multiple of `stride`. Pairs name STORED chunk
+indices (what encode and training look up). The split is drawn over songs with run.seed,
+never over pairs, so no song's audio is on both sides. `shuffle_targets` replaces each
+target with a random chunk of another song of the same split (a negative / creative-mode
+control). Only an index is written; no audio.
 """
 from __future__ import annotations
 
@@ -11,15 +16,17 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 
 from pipeline.atomic import atomic_write_json, atomic_write_text
 from pipeline.config import load_resolved
-from pipeline.schema import Config
+from pipeline.schema import Config, PairsConfig
 from pipeline.tracking import step_run
 
 log = logging.getLogger(__name__)
+TARGETS = ("next", "same")
 
 
 class PairsError(ValueError):
@@ -39,9 +46,60 @@ def ok_songs(run_dir: Path) -> dict[str, dict]:
     return dict(sorted(songs.items()))
 
 
-def song_pairs(chunks: int, gap: int, stride: int) -> list[tuple[int, int]]:
-    """(input, target) chunk indices of one song with `chunks` chunks."""
-    return [(i, i + 1 + gap) for i in range(0, chunks - 1 - gap, stride)]
+def song_positions(entry: dict, chunk_folder: Path) -> Optional[list[int]]:
+    """Each stored chunk's position in time from a manifest record; None for a record
+    written before positions were recorded (it is read as contiguous: 0, 1, 2, ...)."""
+    if "positions" not in entry:
+        return None
+    where = (f"chunk manifest line of song {entry.get('song_id')!r} "
+             f"({entry.get('source')}) in {chunk_folder}")
+    positions, chunks = entry["positions"], int(entry["chunks"])
+    if not isinstance(positions, list) or not all(
+            isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in positions):
+        raise PairsError(f"{where}: positions must be a list of chunk indices >= 0, "
+                         f"got {positions!r}; re-run the chunk step")
+    if len(positions) != chunks:
+        raise PairsError(f"{where}: {len(positions)} positions for {chunks} chunks; "
+                         "re-run the chunk step")
+    if any(b <= a for a, b in zip(positions, positions[1:])):
+        raise PairsError(f"{where}: positions must be strictly increasing, got {positions}; "
+                         "re-run the chunk step")
+    return positions
+
+
+def position_pairs(positions: Sequence[int], gap: int, stride: int,
+                   target: str = "next") -> list[tuple[int, int]]:
+    """(input, target) stored-chunk indices of one song whose stored chunks sit at `positions`
+    in time: inputs at positions that are multiples of `stride`; "next" targets the chunk at
+    position + 1 + gap (none if it was not stored), "same" the input itself."""
+    stored = {p: i for i, p in enumerate(positions)}
+    out = []
+    for i, p in enumerate(positions):
+        if p % stride:
+            continue
+        j = i if target == "same" else stored.get(p + 1 + gap)
+        if j is not None:
+            out.append((i, j))
+    return out
+
+
+def song_pairs(chunks: int, gap: int, stride: int, target: str = "next") -> list[tuple[int, int]]:
+    """(input, target) chunk indices of one song with `chunks` contiguous chunks."""
+    return position_pairs(range(chunks), gap, stride, target)
+
+
+def check_settings(pc: PairsConfig) -> None:
+    """Refuse pairs settings that mean nothing together, naming the keys."""
+    if pc.target not in TARGETS:
+        raise PairsError(f"pairs.target = {pc.target!r} is not one of {', '.join(TARGETS)} "
+                         "(next = continuation, same = reconstruction of the input chunk)")
+    if pc.target == "same" and pc.shuffle_targets:
+        raise PairsError("pairs.target = 'same' (the target is the input chunk) cannot be "
+                         "combined with pairs.shuffle_targets = true (a target from another "
+                         "song); set one of them")
+    if pc.target == "same" and pc.gap:
+        raise PairsError(f"pairs.gap = {pc.gap} has no meaning with pairs.target = 'same' "
+                         "(the target is the input chunk); set pairs.gap = 0")
 
 
 def split_songs(songs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -55,19 +113,19 @@ def split_songs(songs: list[str], val_fraction: float, seed: int) -> tuple[list[
     return train, val
 
 
-def build_split(songs: list[str], chunks: dict[str, int], gap: int, stride: int,
-                shuffle: bool, rng: np.random.Generator) -> list[dict]:
+def build_split(songs: list[str], positions: dict[str, Sequence[int]], gap: int, stride: int,
+                shuffle: bool, rng: np.random.Generator, target: str = "next") -> list[dict]:
     """Pair records of one split; shuffled targets come from another song of the same split."""
     records = []
     for song in songs:
         others = [s for s in songs if s != song]
-        for i, j in song_pairs(chunks[song], gap, stride):
-            target_song, target = song, j
+        for i, j in position_pairs(positions[song], gap, stride, target):
+            target_song, target_chunk = song, j
             if shuffle:
                 target_song = others[int(rng.integers(len(others)))]
-                target = int(rng.integers(chunks[target_song]))
+                target_chunk = int(rng.integers(len(positions[target_song])))
             records.append({"song": song, "input": i, "target_song": target_song,
-                            "target": target})
+                            "target": target_chunk})
     return records
 
 
@@ -95,19 +153,33 @@ def run(cfg: Config, run_dir: Path) -> dict:
 
     run_dir = Path(run_dir)
     pc = cfg.pairs
+    check_settings(pc)
     entries = ok_songs(run_dir)
-    chunks = {song: int(e["chunks"]) for song, e in entries.items()}
-    usable = [s for s in chunks if song_pairs(chunks[s], pc.gap, pc.stride)]
+    positions: dict[str, Sequence[int]] = {}
+    legacy = []
+    for song, entry in entries.items():
+        found = song_positions(entry, run_dir / "chunk")
+        if found is None:
+            legacy.append(song)
+        positions[song] = found if found is not None else range(int(entry["chunks"]))
+    if legacy:
+        log.warning("pairs: %d chunk manifest lines have no positions (written by an older "
+                    "chunk step) and are read as contiguous; a silent chunk dropped inside "
+                    "them would go unnoticed: re-run the chunk step", len(legacy))
+    holes = [s for s, p in positions.items() if p[-1] - p[0] + 1 != len(p)]
+    usable = [s for s in positions if position_pairs(positions[s], pc.gap, pc.stride, pc.target)]
     if not usable:
-        raise PairsError(f"pairs: none of the {len(chunks)} ok songs has {pc.gap + 2} chunks, "
-                         f"which one pair needs with pairs.gap={pc.gap}; lower pairs.gap or "
-                         "data.chunk_seconds, or give longer songs")
+        need = ("a stored chunk at a position that is a multiple of pairs.stride"
+                if pc.target == "same" else
+                f"two stored chunks {pc.gap + 1} positions apart (pairs.gap={pc.gap})")
+        raise PairsError(f"pairs: none of the {len(positions)} ok songs has {need}, which one "
+                         "pair needs; lower pairs.gap, pairs.stride or data.chunk_seconds, or "
+                         "give longer songs")
     train_songs, val_songs = split_songs(usable, pc.val_fraction, cfg.run.seed)
     rng = np.random.default_rng([cfg.run.seed, 1])
-    splits = {"train": (train_songs, build_split(train_songs, chunks, pc.gap, pc.stride,
-                                                 pc.shuffle_targets, rng)),
-              "val": (val_songs, build_split(val_songs, chunks, pc.gap, pc.stride,
-                                             pc.shuffle_targets, rng))}
+    splits = {name: (songs, build_split(songs, positions, pc.gap, pc.stride,
+                                        pc.shuffle_targets, rng, pc.target))
+              for name, songs in (("train", train_songs), ("val", val_songs))}
     total_pairs = sum(len(p) for _, p in splits.values())
     for name, (songs, pairs) in splits.items():
         _check_split(name, songs, pairs, len(usable), total_pairs, pc.shuffle_targets)
@@ -118,10 +190,12 @@ def run(cfg: Config, run_dir: Path) -> dict:
                "song_ids": {k: s for k, (s, _) in splits.items()},
                "songs_train": len(train_songs), "songs_val": len(val_songs),
                "pairs_train": len(splits["train"][1]), "pairs_val": len(splits["val"][1]),
-               "unpaired_songs": sorted(set(chunks) - set(usable)),
-               "seed": cfg.run.seed, "gap": pc.gap, "stride": pc.stride,
+               "unpaired_songs": sorted(set(positions) - set(usable)),
+               "songs_with_holes": len(holes), "songs_without_positions": len(legacy),
+               "seed": cfg.run.seed, "target": pc.target, "gap": pc.gap, "stride": pc.stride,
                "val_fraction": pc.val_fraction,
-               "mode": "shuffle_targets" if pc.shuffle_targets else "continuation"}
+               "mode": ("reconstruction" if pc.target == "same" else
+                        "shuffle_targets" if pc.shuffle_targets else "continuation")}
     with step_run(cfg, run_dir, "pairs") as tr:
         for name, (_, pairs) in splits.items():
             atomic_write_text(out / f"{name}.jsonl", _jsonl(pairs))
@@ -131,7 +205,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
         tr.log_metrics({"songs_train": len(train_songs), "songs_val": len(val_songs),
                         "pairs_train": summary["pairs_train"],
                         "pairs_val": summary["pairs_val"],
-                        "unpaired_songs": len(summary["unpaired_songs"])})
+                        "unpaired_songs": len(summary["unpaired_songs"]),
+                        "songs_with_holes": len(holes)})
         tr.log_artifact(out / "summary.json")
     log.info("pairs: %d train pairs (%d songs), %d val pairs (%d songs) -> %s",
              summary["pairs"]["train"], len(train_songs), summary["pairs"]["val"],

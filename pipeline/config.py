@@ -1,7 +1,8 @@
 """Load, merge, override and validate the YAML configs into typed dataclasses.
 
 Order (later wins, deep merge): configs/defaults.yaml, configs/cluster/<profile>.yaml,
-configs/stages/*.yaml, configs/experiments/<name>.yaml, then `key.sub=value` overrides.
+configs/stages/*.yaml, configs/experiments/<name>.yaml (after the experiment it
+`extends:`, if any), then `key.sub=value` overrides.
 Every file is checked against the schema before it is merged, so an unknown key is
 reported with the file it came from. Nothing runs on an invalid config.
 """
@@ -29,6 +30,24 @@ class ConfigError(ValueError):
     """A config problem, with the key and where it came from."""
 
 
+EXTENDS = "extends"   # an experiment file's parent experiment, merged before it
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a mapping with the same key twice (YAML itself
+    keeps the last one silently, so a pasted duplicate would hide the first value)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"{node.start_mark.name}, line {key_node.start_mark.line + 1}:"
+                                  f" key '{key}' appears twice in one mapping")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 # --- value constraints (types come from the dataclasses) ---------------------------
 CHOICES = {
     "data.tail": {"drop", "pad"},
@@ -39,6 +58,9 @@ CHOICES = {
     "cluster.executor": {"auto", "local", "slurm"},
     "stage*.mode": {"continuation", "creative"},
     "stage*.gan.loss": {"bce", "hinge", "lsgan"},
+    "stage*.gan.feature_matching_mode": {"paired", "batch"},
+    "pairs.target": {"next", "same"},
+    "stage*.curriculum.noise": {"sample_std", "data"},
 }
 POSITIVE = {
     "data.sample_rate", "data.chunk_seconds", "data.block_seconds", "data.num_shards",
@@ -51,6 +73,7 @@ NON_NEGATIVE = {
     "data.min_seconds", "data.max_chunks_per_song", "pairs.gap", "encode.augment.variants",
     "stage*.weight_decay", "stage*.grad_clip", "stage*.augment_prob",
     "stage*.curriculum.rate", "stage*.curriculum.start_epoch", "cluster.max_requeues",
+    "stage*.gan.moment_matching", "stage*.gan.r1_gamma",
 }
 FRACTIONS = {"pairs.val_fraction", "stage*.augment_prob", "stage*.curriculum.cap",
              "stage*.gan.label_smoothing"}
@@ -61,17 +84,11 @@ def load(experiment: Optional[str] = None, cluster: str = "local",
     """Build the resolved Config for an experiment, cluster profile and overrides."""
     files = [config_dir / "defaults.yaml", config_dir / "cluster" / f"{cluster}.yaml"]
     files += [config_dir / "stages" / name for name in STAGE_FILES]
-    if experiment:
-        exp = Path(experiment)
-        files.append(exp if exp.suffix in (".yaml", ".yml") else
-                     config_dir / "experiments" / f"{experiment}.yaml")
+    files += experiment_chain(experiment, config_dir) if experiment else []
     merged: dict = {}
     for path in files:
-        if not path.exists():
-            raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        data = read_yaml(path)
+        data.pop(EXTENDS, None)
         check_keys(data, Config, "", str(path))
         merged = deep_merge(merged, data)
     for item in overrides:
@@ -80,6 +97,39 @@ def load(experiment: Optional[str] = None, cluster: str = "local",
         check_keys(nested, Config, "", f"command-line override '{item}'")
         merged = deep_merge(merged, nested)
     return build(merged)
+
+
+def experiment_path(experiment: str, config_dir: Path = CONFIG_DIR) -> Path:
+    """A path to a YAML file as given, else configs/experiments/<name>.yaml."""
+    exp = Path(experiment)
+    return exp if exp.suffix in (".yaml", ".yml") else config_dir / "experiments" / f"{experiment}.yaml"
+
+
+def read_yaml(path: Path) -> dict:
+    """One config file as a mapping; a missing file or another top level is a ConfigError."""
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as stream:   # the file's name goes into errors
+        data = yaml.load(stream, Loader=UniqueKeyLoader) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+def experiment_chain(experiment: str, config_dir: Path = CONFIG_DIR) -> list[Path]:
+    """The experiment file after the ones it `extends` (base first), e.g. musigan -> demo."""
+    chain: list[Path] = []
+    path: Optional[Path] = experiment_path(experiment, config_dir)
+    while path is not None:
+        if path in chain:
+            raise ConfigError(f"{path}: '{EXTENDS}' loops back to itself via "
+                              f"{' -> '.join(str(p) for p in chain)}")
+        chain.append(path)
+        parent = read_yaml(path).get(EXTENDS)
+        if parent is not None and not isinstance(parent, str):
+            raise ConfigError(f"{path}: '{EXTENDS}' must name one experiment, got {parent!r}")
+        path = experiment_path(parent, config_dir) if parent else None
+    return chain[::-1]
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -197,6 +247,11 @@ def _convert(value: Any, tp: Any, dotted: str) -> Any:
             raise ConfigError(f"'{dotted}' must be an integer, got {type(value).__name__} {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):   # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"'{dotted}' must be a number, got {type(value).__name__} {value!r}")
         return float(value)
@@ -241,6 +296,9 @@ def validate(cfg: Config) -> None:
         for path, value in _lookup(cfg, key):
             if not 0 <= value <= 1:
                 raise ConfigError(f"'{path}' = {value!r} is out of range: must be in [0, 1]")
+    if cfg.pairs.target == "same" and (cfg.pairs.shuffle_targets or cfg.pairs.gap):
+        raise ConfigError("'pairs.target' = 'same' (reconstruction) cannot go with "
+                          "'pairs.shuffle_targets' = true or a 'pairs.gap' other than 0")
     tr = cfg.model.transformer
     if tr.d_model % tr.heads:
         raise ConfigError(f"'model.transformer.d_model' = {tr.d_model} must be divisible by "

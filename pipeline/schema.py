@@ -37,10 +37,11 @@ class DataConfig:
 
 @dataclass
 class PairsConfig:
-    gap: int                  # target chunk index = input index + 1 + gap
-    stride: int               # step between successive input chunks
+    target: str               # "next": chunk at position input + 1 + gap; "same": the input
+    gap: int                  # target position = input position + 1 + gap (next only)
+    stride: int               # inputs: chunks whose position in the song is a multiple of this
     val_fraction: float       # share of songs held out for validation
-    shuffle_targets: bool     # pair inputs with a random continuation from another song
+    shuffle_targets: bool     # pair inputs with a random continuation from another song (next only)
 
 
 @dataclass
@@ -120,13 +121,16 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    latent_l1: float
+    latent_l1: float          # continuation: output vs target
     latent_mse: float
     spectral: float           # FFT-magnitude loss over time
     freq_weighted: bool       # MusicVAE band weights on reconstruction
-    output_range: float       # penalty for outputs outside the target range
-    balance: float            # creative-agent mask terms
+    output_range: float       # penalty for outputs outside the target's (creative: both) range
+    content: float            # creative: the input's time pattern in every channel
+    style: float              # creative: the target's level and spread in every channel
+    balance: float            # creative-agent mask terms (creative mode only)
     coverage: float
+    overlap: float            # mean(m_in * m_tgt): pushes the masks apart
     temporal_diversity: float
     min_mask_std: float       # hinge level for the temporal-diversity term
 
@@ -148,6 +152,10 @@ class GanConfig:
     d_pretrain_epochs: int
     lr_d: float
     d_steps: int
+    recon_fade: bool          # paired losses weighted by (1 - alpha); false = the seeds' fixed weights
+    feature_matching_mode: str  # "paired" (the seeds') or "batch" (batch statistics)
+    moment_matching: float    # weight of the latent batch-statistics loss (0 = off)
+    r1_gamma: float           # zero-centred gradient penalty on reals, weight gamma/2 (0 = off)
 
 
 @dataclass
@@ -155,14 +163,22 @@ class CurriculumConfig:
     rate: float               # pure-GAN alpha per epoch (0 = off)
     start_epoch: int          # first epoch with noise (epochs counted from 1)
     cap: float
+    noise: str                # "sample_std" (the seed's: zero mean, each sample's std) or
+                              # "data" (per-channel mean and std of the training latents)
 
 
 @dataclass
 class GateConfig:
     require_finite: bool
-    min_improvement: float    # val loss must drop by this fraction of epoch 1's
-    max_val_loss: Optional[float]  # or be below this; null = not used
-    beat_baselines: bool      # stage 1: best val loss must also be below both trivial baselines
+    min_improvement: float    # best val loss this fraction below epoch 1's (0 = off) ...
+    max_val_loss: Optional[float]  # ... or at most this; null = not used
+    beat_baselines: bool      # stage 1: best val loss below the best trivial baseline ...
+    min_margin: float         # ... by this fraction: 1 - best / min(baselines) >= min_margin
+    last_epochs: int          # a collapse must last the final N epochs (D pre-training excluded)
+    # collapse rules, each null = off:
+    kl_floor_tolerance: Optional[float]  # posterior: every level's val KL <= free_bits + this
+    min_d_loss: Optional[float]          # D collapse: train D loss below this
+    min_diversity_ratio: Optional[float]  # mode collapse: val_diversity_ratio below this
 
 
 @dataclass
@@ -195,7 +211,7 @@ class AuditConfig:
     gen_epoch: int            # generator checkpoint to audit (0 = last saved)
     first_epoch: int          # discriminator range (0 = all)
     last_epoch: int
-    batch_size: int           # same as training by default; minibatch discrimination needs it
+    batch_size: Optional[int]  # null = per-rank training batch (stage3.batch_size / world_size)
     collapse_d_loss: float    # D loss (per BCE term) below this at every epoch = D collapse
     chance_margin: float      # D accuracy within 0.5 +- this = D cannot tell reals from fakes
 

@@ -258,3 +258,45 @@ def test_cli_without_a_resolved_config_fails_clearly(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "data_prep.chunk", "--run-dir",
                               str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True)
     assert missing.returncode == 2 and "config.resolved.yaml" in missing.stderr
+
+
+def test_positions_record_where_each_kept_chunk_sat_in_the_song(tmp_path, shared_mlflow_uri):
+    """A silent chunk dropped in the middle leaves a hole that the manifest records."""
+    src = tmp_path / "src"
+    src.mkdir()
+    quiet = np.zeros(2 * 24000)
+    sf.write(src / "holes.wav", np.concatenate([tone(2.0), quiet, tone(4.0), quiet, tone(2.0)]),
+             24000)                                          # chunks 1 and 4 are silent
+    sf.write(src / "silence.wav", np.zeros(4 * 24000), 24000)
+
+    def records(*overrides: str) -> dict[str, dict]:
+        cfg = cfg_for(tmp_path / "_".join(overrides).replace("=", "-"), shared_mlflow_uri,
+                      *overrides)
+        run_shard(cfg, run_dir_of(cfg), source=src)
+        return by_name(collect_manifest(run_dir_of(cfg)))
+
+    dropped = records()
+    assert dropped["holes.wav"]["chunks"] == 4 and dropped["holes.wav"]["positions"] == [0, 2, 3, 5]
+    assert dropped["silence.wav"]["status"] == "skipped"
+    assert dropped["silence.wav"]["positions"] == []
+    kept = records("data.silence_db=null")
+    assert kept["holes.wav"]["positions"] == list(range(6))
+    capped = records("data.max_chunks_per_song=2")
+    assert capped["holes.wav"]["positions"] == [0, 2]
+
+
+def test_a_record_without_positions_is_chunked_again(tmp_path, shared_mlflow_uri):
+    """Manifests written before positions existed are not reused: the re-run adds them."""
+    src = tmp_path / "src"
+    src.mkdir()
+    sf.write(src / "a.wav", tone(4.0), 24000)
+    cfg = cfg_for(tmp_path, shared_mlflow_uri)
+    run_dir = run_dir_of(cfg)
+    run_shard(cfg, run_dir, source=src)
+    manifest = run_dir / "chunk" / "manifest-0-of-1.jsonl"
+    old = [{k: v for k, v in json.loads(line).items() if k != "positions"}
+           for line in manifest.read_text().splitlines()]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in old))
+    again = run_shard(cfg, run_dir, source=src)
+    assert again["reused"] == 0
+    assert collect_manifest(run_dir)[0]["positions"] == [0, 1]

@@ -133,3 +133,34 @@ def test_load_resolved_names_the_missing_file(tmp_path):
     cfg = config.load("demo")
     config.write_resolved(cfg, tmp_path)
     assert config.load_resolved(tmp_path) == cfg
+
+
+def test_exponent_without_a_dot_is_a_number():
+    # YAML 1.1 reads 1e-4 as a string; a learning rate written that way is still a number
+    assert config.load("demo", overrides=["stage3.lr=1e-4"]).stage3.lr == 1e-4
+    with pytest.raises(ConfigError, match="'stage3.lr' must be a number"):
+        config.load("demo", overrides=["stage3.lr=fast"])
+
+
+def test_a_key_written_twice_is_an_error(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("stage3:\n  epochs: 3\nstage3:\n  epochs: 4\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml, line 3: key 'stage3' appears twice"):
+        config.load(str(path))
+
+
+def test_an_experiment_extends_another(tmp_path):
+    child = write_exp(tmp_path, {"extends": "demo", "stage3": {"epochs": 3}})
+    cfg, demo = config.load(str(child)), config.load("demo")
+    assert cfg.stage3.epochs == 3 and cfg.data.chunk_seconds == demo.data.chunk_seconds
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"extends: {loop}\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        config.load(str(loop))
+
+
+@pytest.mark.parametrize("name", ["demo", "musigan", "powermuse", "aurl", "musicvae"])
+def test_every_shipped_experiment_is_valid(name):
+    cfg = config.load(name)
+    config.validate(cfg)
+    assert cfg.run.name == name

@@ -10,12 +10,14 @@ from pipeline.schema import CurriculumConfig, GanConfig, KlConfig
 
 def gan_cfg(**kw) -> GanConfig:
     base = dict(loss="bce", label_smoothing=0.1, feature_matching=1.0, adv_weight=0.1,
-                adv_ramp_epochs=10, d_pretrain_epochs=1, lr_d=1e-4, d_steps=1)
+                adv_ramp_epochs=10, d_pretrain_epochs=1, lr_d=1e-4, d_steps=1,
+                recon_fade=False, feature_matching_mode="paired", moment_matching=0.0,
+                r1_gamma=0.0)
     return GanConfig(**{**base, **kw})
 
 
 def test_pure_gan_alpha_schedule_from_the_issue():
-    cur = CurriculumConfig(rate=0.01, start_epoch=51, cap=1.0)
+    cur = CurriculumConfig(rate=0.01, start_epoch=51, cap=1.0, noise="sample_std")
     assert all(gan_alpha(e, cur) == 0.0 for e in range(1, 51))
     assert gan_alpha(51, cur) == pytest.approx(0.01)
     assert gan_alpha(75, cur) == pytest.approx(0.25)
@@ -28,9 +30,9 @@ def test_pure_gan_alpha_schedule_from_the_issue():
 
 
 def test_alpha_off_and_cap():
-    assert all(gan_alpha(e, CurriculumConfig(rate=0.0, start_epoch=1, cap=1.0)) == 0.0
+    assert all(gan_alpha(e, CurriculumConfig(rate=0.0, start_epoch=1, cap=1.0, noise="sample_std")) == 0.0
                for e in range(1, 100))
-    capped = CurriculumConfig(rate=0.1, start_epoch=1, cap=0.95)
+    capped = CurriculumConfig(rate=0.1, start_epoch=1, cap=0.95, noise="sample_std")
     assert gan_alpha(5, capped) == pytest.approx(0.5)
     assert gan_alpha(30, capped) == 0.95
 

@@ -65,3 +65,36 @@ def test_each_stage_draws_augmented_samples_at_its_own_rate(tmp_path):
                 draws.append(not torch.equal(x, clean))
         assert abs(np.mean(draws) - expected) < 0.04, (stage, np.mean(draws))
         assert val_set.augment_prob == 0.0
+
+
+def test_reconstruction_pairs_train_with_input_equal_to_target(tmp_path):
+    """pairs.target=same through the real pairs step, read as the trainer reads it: every
+    sample's target is its input, augmented or not."""
+    from torch.utils.data import DataLoader
+
+    from data_prep import pairs
+    from jobs import distributed, train
+    from pipeline.config import load_resolved
+    from tests.chunk_outputs import write_chunks
+    from tests.train_fixtures import mlflow_store
+
+    run_dir = make_run(tmp_path, f"mlflow.tracking_uri={mlflow_store(tmp_path)}",
+                       "pairs.target=same", "stage2.augment_prob=1.0", variants=1)
+    cfg = load_resolved(run_dir)
+    store = LatentStore(run_dir / "encode")
+    write_chunks(run_dir, {s: store.chunks(s) for s in store.songs}, 24000, 0.05)
+    pairs.run(cfg, run_dir)
+    info = distributed.DistInfo(0, 1, 0, torch.device("cpu"))
+    _, train_set, val_set, train_sampler, val_sampler = train.open_data(cfg, run_dir, cfg.stage2,
+                                                                        info)
+    assert len(train_set) + len(val_set) == 6 * 5
+    augmented = 0
+    for dataset, sampler in ((train_set, train_sampler), (val_set, val_sampler)):
+        for x, y in DataLoader(dataset, batch_sampler=sampler):
+            assert x.shape == y.shape and torch.equal(x, y)
+    for i, p in enumerate(train_set.pairs):
+        x, y = train_set[i]
+        assert torch.equal(x, y)
+        augmented += not torch.equal(x, torch.from_numpy(store.get(p["song"], p["input"])
+                                                         .astype(np.float32)))
+    assert augmented > 0                       # the augmented path was taken, and matched

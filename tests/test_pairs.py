@@ -117,3 +117,85 @@ def test_cli_reads_the_run_config(tmp_path, uri):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["songs"]["train"] + out["songs"]["val"] == 5
     assert (run_dir / "pairs/val.jsonl").exists()
+
+
+def test_no_pair_spans_a_silent_chunk_dropped_in_the_middle(tmp_path, uri):
+    """Chunk real files whose second chunk is silent: the chunks on either side of the hole
+    are not a start and its continuation, so no pair may join them."""
+    import numpy as np
+    import soundfile as sf
+
+    from data_prep.chunk import run_shard
+
+    src = tmp_path / "src"
+    src.mkdir()
+    sr, seconds = 24000, 1.0
+    t = np.arange(int(seconds * sr)) / sr
+    for n in range(4):
+        note = 0.5 * np.sin(2 * np.pi * 220 * (n + 1) * t)
+        sf.write(src / f"song{n}.wav", np.concatenate([note, 0 * note, note, note, note]), sr)
+    cfg, run_dir = _run(tmp_path, uri, "data.chunk_seconds=1.0", "data.sample_rate=24000",
+                        "data.silence_db=-60.0", "data.workers=1", "pairs.val_fraction=0.5")
+    run_shard(cfg, run_dir, source=src)
+    summary = pairs.run(cfg, run_dir)
+    recs = _read(run_dir / "pairs/train.jsonl") + _read(run_dir / "pairs/val.jsonl")
+    assert {(r["input"], r["target"]) for r in recs} == {(1, 2), (2, 3)}   # stored indices
+    assert len(recs) == 2 * 4 and summary["songs_with_holes"] == 4
+
+
+def test_pairs_follow_positions_in_time():
+    positions = [0, 2, 3, 4]                     # position 1 was dropped as silent
+    assert pairs.position_pairs(positions, gap=0, stride=1) == [(1, 2), (2, 3)]
+    assert pairs.position_pairs(positions, gap=1, stride=1) == [(0, 1), (1, 3)]
+    assert pairs.position_pairs(positions, gap=0, stride=2) == [(1, 2)]
+    assert pairs.position_pairs(positions, 0, 1, target="same") == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    assert pairs.position_pairs(positions, 0, 2, target="same") == [(0, 0), (1, 1), (3, 3)]
+    assert pairs.position_pairs(range(6), 1, 2) == pairs.song_pairs(6, 1, 2)
+
+
+def test_bad_positions_in_a_manifest_are_a_clear_error(tmp_path, uri):
+    cfg, run_dir = _run(tmp_path, uri)
+    write_chunks(run_dir, _songs(3), 24000, 0.1)
+    manifest = run_dir / "chunk/manifest-0-of-1.jsonl"
+    lines = _read(manifest)
+    lines[1]["positions"] = [0, 1, 1, 2, 3]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(pairs.PairsError, match=r"song01.*positions.*increasing"):
+        pairs.run(cfg, run_dir)
+    lines[1]["positions"] = [0, 1]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(pairs.PairsError, match=r"song01.*2 positions.*5 chunks"):
+        pairs.run(cfg, run_dir)
+
+
+def test_target_same_pairs_every_chunk_with_itself(tmp_path, uri):
+    """Reconstruction (MusicVAE): the target is the input chunk."""
+    cfg, run_dir = _run(tmp_path, uri, "pairs.target=same")
+    write_chunks(run_dir, _songs(5, chunks=4), 24000, 0.1)
+    summary = pairs.run(cfg, run_dir)
+    recs = _read(run_dir / "pairs/train.jsonl") + _read(run_dir / "pairs/val.jsonl")
+    assert recs and all(r["target_song"] == r["song"] and r["target"] == r["input"] for r in recs)
+    assert sorted((r["song"], r["input"]) for r in recs) == \
+        [(s, c) for s in sorted(_songs(5)) for c in range(4)]     # each chunk once
+    assert summary["target"] == "same" and summary["mode"] == "reconstruction"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("pairs.target=same", "pairs.shuffle_targets=true"), "pairs.shuffle_targets"),
+    (("pairs.target=same", "pairs.gap=1"), "pairs.gap"),
+    (("pairs.target=later",), r"pairs.target.*'later'.*next.*same"),
+])
+def test_target_settings_that_mean_nothing_are_refused(tmp_path, uri, overrides, message):
+    cfg, run_dir = _run(tmp_path, uri, *overrides)
+    write_chunks(run_dir, _songs(4), 24000, 0.1)
+    with pytest.raises(pairs.PairsError, match=message):
+        pairs.run(cfg, run_dir)
+    assert not (run_dir / "pairs/train.jsonl").exists()
+
+
+def test_target_is_part_of_the_pairs_signature(tmp_path):
+    from pipeline import dag
+    upstream = {"chunk": "0" * 64}
+    nxt = dag.signature(make_cfg(tmp_path), "pairs", upstream)
+    same = dag.signature(make_cfg(tmp_path, "pairs.target=same"), "pairs", upstream)
+    assert nxt != same
