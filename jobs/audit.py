@@ -11,8 +11,9 @@ at epoch N (`jobs.curriculum.gan_alpha`, `mix_noise`), as jobs/train.py makes th
 the distribution the discriminators were trained to reject, so the audit measures what they
 learned. Once the curriculum reaches alpha = 1 this is generation from noise; with the
 curriculum off it is continuation of real validation chunks. Reals are the clean targets.
-The batch has the training batch size (audit.batch_size), as minibatch discrimination
-scores a sample against the rest of its batch.
+The batch has the per-rank size D was trained with (stage3.batch_size / world_size of the
+generator checkpoint; audit.batch_size overrides it): minibatch discrimination scores a
+sample against the mean of the rest of its batch, which is noisier in smaller batches.
 """
 from __future__ import annotations
 
@@ -84,13 +85,38 @@ def load_discriminator(path: Path, cfg: Config, codec: dict):
     return disc.eval()
 
 
+def trained_batch(model_cfg: Config, state: dict, path: Path) -> int:
+    """Per-rank batch the checkpoint's D was trained with: stage3.batch_size // world_size."""
+    world = state.get("world_size")
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise AuditError(f"{path} stores no usable world_size ({world!r}), so the per-rank "
+                         "training batch is unknown: set audit.batch_size")
+    return max(model_cfg.stage3.batch_size // world, 1)
+
+
+def batch_choice(cfg: Config, model_cfg: Config, state: dict, path: Path) -> tuple[int, str, str]:
+    """(batch size, source "trained" or "audit.batch_size", the reading's account of it)."""
+    asked = cfg.audit.batch_size
+    if asked is None:
+        batch = trained_batch(model_cfg, state, path)
+        return batch, "trained", (f"per-rank training batch (stage3.batch_size "
+                                  f"{model_cfg.stage3.batch_size} / world_size {state['world_size']})")
+    try:
+        trained = f"trained per rank: {trained_batch(model_cfg, state, path)}"
+    except AuditError:
+        trained = "per-rank training batch unknown: no world_size in the checkpoint"
+    return asked, "audit.batch_size", f"audit.batch_size = {asked} ({trained})"
+
+
 # --- fixed batches ----------------------------------------------------------------------
 
 def fixed_batches(cfg: Config, run_dir: Path, generator: torch.nn.Module, gen_epoch: int,
                   batch_size: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(fakes, reals, info): seeded pick of validation pairs; fakes = G_N(curriculum(inputs))."""
-    from data_prep.latent_store import LatentStore
-    from jobs.curriculum import gan_alpha, mix_noise
+    """(fakes, reals, info): seeded pick of validation pairs; fakes made from them as stage 3
+    trained G_N (jobs.generate.make_fakes): continuation of the curriculum's view of the
+    inputs, or the creative cascade on the curriculum's views of (input, target); reals =
+    the clean targets."""
+    from jobs.generate import make_fakes
     from jobs.pair_data import read_pairs
 
     pairs = read_pairs(Path(run_dir) / "pairs" / "val.jsonl")
@@ -99,23 +125,11 @@ def fixed_batches(cfg: Config, run_dir: Path, generator: torch.nn.Module, gen_ep
                          "least 2 real validation chunks")
     rng = np.random.default_rng(cfg.run.seed)
     picks = rng.permutation(len(pairs))[:batch_size]
-    store = LatentStore(Path(run_dir) / "encode")
-
-    def stack(song_key: str, chunk_key: str) -> torch.Tensor:
-        return torch.stack([torch.from_numpy(np.asarray(
-            store.get(pairs[i][song_key], pairs[i][chunk_key]), np.float32)) for i in picks])
-
-    inputs, reals = stack("song", "input"), stack("target_song", "target")
-    alpha = gan_alpha(gen_epoch, cfg.stage3.curriculum)
-    gen = torch.Generator().manual_seed(cfg.run.seed)
-    model = getattr(generator, "module", generator).eval()
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.run.seed)
-        fakes = model(mix_noise(inputs, alpha, gen), mix_noise(reals, alpha, gen),
-                      cfg.stage3.mode)["output"].float()
-    info = {"batch": len(picks), "asked_batch": batch_size, "alpha": alpha,
-            "mode": cfg.stage3.mode, "val_pairs": len(pairs)}
-    return fakes, reals, info
+    made = make_fakes(generator, cfg, run_dir, "stage3", gen_epoch, len(picks), cfg.run.seed,
+                      pairs=[pairs[i] for i in picks], from_real=True)
+    info = {"batch": len(picks), "asked_batch": batch_size, "alpha": made.alpha,
+            "mode": made.mode, "val_pairs": len(pairs)}
+    return made.latents, made.targets, info
 
 
 # --- scoring and reading ----------------------------------------------------------------
@@ -137,24 +151,37 @@ def score(disc: torch.nn.Module, fakes: torch.Tensor, reals: torch.Tensor) -> di
             "accuracy": correct.mean().item()}
 
 
+def is_fooled(row: dict, chance_margin: float) -> bool:
+    """Did this D take the fakes for real? The seed's test (fake BCE vs the real label below
+    ln 2), or, read against the reals it scored in the same call, D(fake) within
+    `chance_margin` of D(real): a D that gives reals 0.47 and fakes 0.43 cannot tell them
+    apart, although both BCEs are above ln 2 (label smoothing caps what D says of reals)."""
+    return (row["fake_bce_vs_real"] < LN2
+            or row["fake_prob"] >= row["real_prob"] - chance_margin)
+
+
 def read_rows(rows: list[dict], collapse_d_loss: float, chance_margin: float) -> tuple[str, list[str]]:
     """Verdict (healthy | trouble | unclear) and findings, in the seed's terms."""
-    fooled = [r["fake_bce_vs_real"] < LN2 for r in rows]   # D took G_N's fakes for real
+    fooled = [is_fooled(r, chance_margin) for r in rows]   # D took G_N's fakes for real
     first, last = rows[0], rows[-1]
     findings, verdict = [], "unclear"
     if all(fooled):
         verdict = "trouble"
         findings.append("all discriminators are fooled: every one, even the newest, calls the "
-                        "fakes real (fake BCE vs real < ln 2): D is not learning, or G overpowers it")
+                        "fakes real (fake BCE vs real < ln 2, or D(fake) within "
+                        f"{chance_margin:g} of D(real)): D is not learning, or G overpowers it")
     elif not any(fooled):
         verdict = "trouble"
         findings.append("all discriminators are strict: even the oldest one catches the fakes "
-                        "(fake BCE vs real > ln 2): the generator is losing the game")
+                        "(fake BCE vs real > ln 2 and D(fake) more than "
+                        f"{chance_margin:g} below D(real)): the generator is losing the game")
     elif fooled[0] and not fooled[-1]:
         verdict = "healthy"
         findings.append(f"healthy arms race: old discriminators are fooled (epoch {first['d_epoch']}: "
-                        f"fake BCE {first['fake_bce_vs_real']:.3f} < ln 2), recent ones are strict "
-                        f"(epoch {last['d_epoch']}: {last['fake_bce_vs_real']:.3f} > ln 2)")
+                        f"fake BCE {first['fake_bce_vs_real']:.3f}, D(fake) {first['fake_prob']:.2f} "
+                        f"vs D(real) {first['real_prob']:.2f}), recent ones are strict "
+                        f"(epoch {last['d_epoch']}: {last['fake_bce_vs_real']:.3f} > ln 2, D(fake) "
+                        f"{last['fake_prob']:.2f} vs D(real) {last['real_prob']:.2f})")
     else:
         findings.append("mixed: fooled and strict discriminators alternate without the "
                         "old-fooled / recent-strict order of a healthy arms race")
@@ -239,8 +266,9 @@ def run(cfg: Config, run_dir: Path, gen_epoch: Optional[int] = None) -> dict:
     manifest = read_manifest(run_dir)
     generator, gen_state = load_generator(found[gen_epoch], manifest)
     model_cfg = model_config(gen_state, found[gen_epoch])
-    batch_size = cfg.audit.batch_size
+    batch_size, batch_source, batch_text = batch_choice(cfg, model_cfg, gen_state, found[gen_epoch])
     fakes, reals, info = fixed_batches(cfg, run_dir, generator, gen_epoch, batch_size)
+    info.update(batch_source=batch_source)
 
     rows, skipped = [], []
     for epoch in wanted_epochs(found, cfg.stage3.checkpoint_every, cfg.audit.first_epoch,
@@ -259,10 +287,10 @@ def run(cfg: Config, run_dir: Path, gen_epoch: Optional[int] = None) -> dict:
     lines = [f"audit of generator epoch {gen_epoch} ({found[gen_epoch]}) against "
              f"{len(rows)} discriminator checkpoint(s); batch {info['batch']} fakes "
              f"(curriculum alpha {info['alpha']:g}, {info['mode']}) + {info['batch']} real "
-             "validation chunks"]
+             "validation chunks", f"batch size: {batch_text}"]
     if info["batch"] < info["asked_batch"]:
         lines.append(f"note: only {info['val_pairs']} validation pairs, so the batch is "
-                     f"{info['batch']}, not audit.batch_size = {info['asked_batch']}")
+                     f"{info['batch']}, not {info['asked_batch']}")
     lines += [f"skipped {s}" for s in skipped]
     if len(rows) < 2:
         lines.append(f"FAILED: {len(rows)} usable discriminator checkpoint(s); the audit needs "
@@ -281,6 +309,7 @@ def run(cfg: Config, run_dir: Path, gen_epoch: Optional[int] = None) -> dict:
     # overwrite (MLflow forbids changing) the params of an earlier audit
     with step_run(cfg, run_dir, f"audit/gen_epoch_{gen_epoch}") as tracker:
         tracker.log_params({"gen_epoch": gen_epoch, "batch": info["batch"],
+                            "batch_source": batch_source,
                             "alpha": info["alpha"], "d_epochs": [r["d_epoch"] for r in rows]})
         for row in rows:
             tracker.log_metrics({f"audit_{k}": row[k] for k in COLUMNS[2:]}, step=row["d_epoch"])

@@ -7,8 +7,9 @@ by minibatch-discrimination features (Salimans et al. 2016), and mapped to one l
 sample. Spectral norm wraps every conv and linear layer when configured.
 
 Minibatch discrimination makes each sample's logit depend on the other samples of the
-batch: score real and fake batches in separate calls, and score with the training batch
-size (the audit does).
+batch (their content, not their number: the features are a mean over the other samples), so
+score real and fake batches in separate calls. The audit also scores with the per-rank
+training batch size, as the mean over fewer samples is noisier.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ def _maybe_sn(layer: nn.Module, enabled: bool) -> nn.Module:
 
 
 class MinibatchDiscrimination(nn.Module):
-    """Per sample, for each of `features` kernels: sum over the other samples of
-    exp(-L1 distance) between their kernel projections. [B, in] -> [B, features]."""
+    """Per sample and kernel: mean over the OTHER samples of exp(-L1) between kernel projections,
+    in (0, 1] at any batch size; a batch of one has no others and gets 0. [B, in] -> [B, features]."""
 
     def __init__(self, in_features: int, features: int, kernel_dim: int, sn: bool):
         super().__init__()
@@ -35,9 +36,11 @@ class MinibatchDiscrimination(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         m = self.project(x).view(-1, self.features, self.kernel_dim)
+        b = m.shape[0]
         dist = (m.unsqueeze(0) - m.unsqueeze(1)).abs().sum(dim=-1)   # [B, B, features]
-        # The diagonal (a sample against itself) contributes exp(0) = 1; remove it.
-        return torch.exp(-dist).sum(dim=1) - 1.0
+        others = 1.0 - torch.eye(b, dtype=m.dtype, device=m.device).unsqueeze(-1)
+        # A mean, not a sum, so a sample's features do not grow with the batch size.
+        return (torch.exp(-dist) * others).sum(dim=1) / max(b - 1, 1)
 
 
 class SubDiscriminator(nn.Module):

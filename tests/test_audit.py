@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from jobs import audit
+from jobs import checkpoint as ckpt_io
 from pipeline.tracking import tracking_uri
 from tests.conftest import make_cfg
 from tests.tiny_gan_run import TINY, build_run, save_stage3
@@ -80,6 +82,43 @@ def test_fixed_batches_are_seeded_and_follow_the_generator_epoch(fresh):
     assert (info["alpha"], info_3["alpha"]) == (0.0, 0.25)
 
 
+def trained_on_ranks(cfg, run_dir, epochs, world_size, *overrides):
+    """Stage-3 checkpoints as a `world_size`-rank training run with `overrides` stores them."""
+    trained = make_cfg(run_dir.parent.parent, *TINY, *overrides)
+    for path in save_stage3(trained, run_dir, epochs).values():
+        state = ckpt_io.load(path)
+        state["world_size"] = world_size
+        ckpt_io.save(path, state)
+
+
+def test_audit_scores_with_the_per_rank_training_batch(fresh):
+    cfg, run_dir = fresh
+    as_trained = dataclasses.replace(cfg, audit=dataclasses.replace(cfg.audit, batch_size=None))
+    trained_on_ranks(cfg, run_dir, [1, 2], 2, "stage3.batch_size=6")
+    result = audit.run(as_trained, run_dir)
+    assert result["batch"] == 3 != cfg.audit.batch_size            # 6 over 2 ranks
+    reading = (run_dir / "audit" / "reading.txt").read_text()
+    assert "batch 3 fakes" in reading
+    assert "per-rank training batch (stage3.batch_size 6 / world_size 2)" in reading
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    run_id = json.loads((run_dir / "audit" / "gen_epoch_2" / "mlflow_run.json")
+                        .read_text())["run_id"]
+    params = client.get_run(run_id).data.params
+    assert params["batch"] == "3" and params["batch_source"] == "trained"
+    # an explicit audit.batch_size wins, and the reading says it differs from training
+    result = audit.run(cfg, run_dir)
+    assert result["batch"] == cfg.audit.batch_size == 4
+    assert "audit.batch_size = 4 (trained per rank: 3)" in result["reading"]
+
+
+def test_as_trained_batch_needs_the_world_size(fresh):
+    cfg, run_dir = fresh
+    as_trained = dataclasses.replace(cfg, audit=dataclasses.replace(cfg.audit, batch_size=None))
+    save_stage3(cfg, run_dir, [1, 2])                               # no "world_size" stored
+    with pytest.raises(audit.AuditError, match="epoch_2.pt.*world_size.*audit.batch_size"):
+        audit.run(as_trained, run_dir)
+
+
 def test_missing_and_mismatched_checkpoints_are_named_and_skipped(fresh, tmp_path):
     cfg, run_dir = fresh
     save_stage3(cfg, run_dir, [1, 2, 3, 4, 5, 6])
@@ -135,11 +174,17 @@ def row(epoch, fake_bce, d_loss=0.6, accuracy=0.8, real_prob=0.7, fake_prob=0.4)
     ([row(1, 0.2), row(2, 0.3), row(3, 0.5)], "trouble", "all discriminators are fooled"),
     ([row(1, 1.2), row(2, 1.3), row(3, 2.5)], "trouble", "all discriminators are strict"),
     ([row(1, 0.2, d_loss=0.05), row(2, 2.0, d_loss=0.1)], "trouble", "D collapse"),
-    ([row(1, 0.2), row(2, 0.9, accuracy=0.55, real_prob=0.5, fake_prob=0.45)], "unclear",
+    # the newest D scores fakes as it scores reals: every D is fooled, and it says so
+    ([row(1, 0.2), row(2, 0.9, accuracy=0.55, real_prob=0.5, fake_prob=0.45)], "trouble",
      "cannot tell reals from fakes"),
+    ([row(1, 0.2), row(2, 0.9, accuracy=0.55, real_prob=0.7, fake_prob=0.45)], "healthy",
+     "healthy arms race"),
     ([row(1, 0.2), row(2, 0.9, accuracy=0.5, real_prob=0.9, fake_prob=0.55)], "healthy",
      "ranks reals above fakes"),
     ([row(1, 1.0), row(2, 0.3), row(3, 0.4)], "unclear", "mixed"),
+    # both BCEs above ln 2, but the old D scores fakes as it scores reals: it is fooled
+    ([row(1, 0.86, real_prob=0.47, fake_prob=0.43), row(2, 3.2, real_prob=0.64, fake_prob=0.05)],
+     "healthy", "healthy arms race"),
 ])
 def test_reading_in_the_seed_terms(rows, verdict, phrase):
     got, findings = audit.read_rows(rows, collapse_d_loss=0.2, chance_margin=0.1)

@@ -205,6 +205,38 @@ def test_minibatch_discrimination_depends_on_batch():
     assert torch.isclose(c, d)
 
 
+def test_minibatch_discrimination_logit_does_not_depend_on_batch_size():
+    """One sample among i.i.d. others from one distribution: its logit barely moves from B=8 to
+    B=32 (the old sum over the batch grew its minibatch features, and logits, about 4x)."""
+    torch.manual_seed(0)
+    d = build_discriminator(tiny_cfg()).eval()
+    g = torch.Generator().manual_seed(1)
+    sample = torch.randn(1, 128, T, generator=g).cumsum(-1) * 0.1
+    others = torch.randn(31, 128, T, generator=g).cumsum(-1) * 0.1
+    with torch.no_grad():
+        by_size = {b: [l[0].item() for l in d(torch.cat([sample, others[:b - 1]]))[0]]
+                   for b in (8, 16, 32)}
+    for per_scale in zip(*by_size.values()):
+        assert max(per_scale) - min(per_scale) < 0.1, by_size
+
+
+def test_minibatch_features_are_a_mean_over_the_other_samples():
+    """Copies of one sample: similarity 1 to each other sample, whatever the batch size; a
+    batch of one has no other sample and gets 0 (no neighbour), not a division by zero."""
+    torch.manual_seed(0)
+    mb = build_discriminator(tiny_cfg()).subs[0].minibatch.eval()
+    x = torch.randn(1, mb.project.in_features)
+    with torch.no_grad():
+        for b in (2, 5, 16):
+            assert torch.allclose(mb(x.expand(b, -1)), torch.ones(b, mb.features))
+        single = mb(x)
+    assert torch.equal(single, torch.zeros(1, mb.features))
+    y = torch.cat([x, torch.randn(3, x.shape[1])])
+    with torch.no_grad():
+        out = mb(y)
+    assert ((out > 0) & (out <= 1)).all()
+
+
 def test_generator_learns_on_tiny_batch():
     torch.manual_seed(0)
     cfg = creative_cfg()
