@@ -1,11 +1,22 @@
-"""Generation: noise (or a real start chunk) -> generator -> latents -> audio, as WAV + PNG.
+"""Generation: a generator's fakes -> latents -> audio, as WAV + PNG.
 
-Noise follows the pure-GAN curriculum's end point: the stage-3 generator learns to map
-`randn * std_per_sample(x)` to music, so sample i is `temperature * randn * std_i`, where
-std_i is the per-sample std of a seeded pick of real training inputs. The same seed gives
-the same files. Latents go back to audio through the codec the data was encoded with
-(EnCodec's decoder, or Griffin-Lim for the mel codec); a checkpoint made for another codec
-or latent shape is refused with the reason.
+`make_fakes` makes a generator's fakes the way its checkpoint's stage trained it, and is
+what generation, evaluation, the audit and the trainer's per-epoch samples all use:
+- continuation: noise at the pure-GAN curriculum's end point (the stage-3 generator learns
+  to map `randn * std_per_sample(x)` to music), so sample i is `temperature * randn * std_i`
+  with std_i the std of a seeded pick of real training inputs; or (--start-chunk, the
+  audit) real validation inputs seen through the curriculum's noise at the epoch's alpha;
+- creative (PowerMuse): the cascade on (input, target) pairs of real latents, seeded picks
+  of validation pairs or pairs chosen on the command line, both seen through the
+  curriculum's noise at the checkpoint's alpha, as in training; the masks are written too.
+The same seed gives the same files. Latents go back to audio through the codec the data was
+encoded with (EnCodec's decoder, or Griffin-Lim for the mel codec); a checkpoint made for
+another codec or latent shape is refused with the reason.
+
+    python -m jobs.generate --run runs/demo                       # as the checkpoint was trained
+    python -m jobs.generate --run runs/pm --list-pairs            # validation pairs by index
+    python -m jobs.generate --run runs/pm --pair 3 --pair 7 --alpha 0
+    python -m jobs.generate --run runs/pm --input-song A --input-chunk 2 --target-song B
 """
 from __future__ import annotations
 
@@ -13,6 +24,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,6 +41,7 @@ log = logging.getLogger(__name__)
 # Codec facts a checkpoint and the run's encode manifest must agree on.
 CODEC_KEYS = ("codec", "sample_rate", "frame_rate", "latent_dim", "frames", "kind",
               "weights_sha256")
+STAGES = ("stage1", "stage2", "stage3")
 
 
 class MismatchError(ValueError):
@@ -96,6 +109,26 @@ def load_generator(path: Path, manifest: dict):
     return generator.eval(), state
 
 
+def checkpoint_origin(state: dict, path: Path) -> tuple[str, int]:
+    """(stage, epoch) a checkpoint was saved at. The trainer records its stage; without
+    one, the checkpoint's folder name, else stage3 (the default generator)."""
+    stage = state.get("stage") or (Path(path).parent.name if Path(path).parent.name in STAGES
+                                   else "stage3")
+    if stage not in STAGES:
+        raise ValueError(f"{path}: checkpoint stage {stage!r} is not one of {STAGES}")
+    return stage, int(state.get("epoch") or 0)
+
+
+def trained_as(cfg: Config, stage: str, epoch: int) -> tuple[str, float]:
+    """(mode, curriculum alpha) with which `stage` of `cfg` trained its generator at `epoch`."""
+    from jobs.curriculum import gan_alpha
+
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    scfg = getattr(cfg, stage)
+    return scfg.mode, gan_alpha(epoch, scfg.curriculum)
+
+
 def run_codec(cfg: Config, manifest: dict):
     """The codec the run's data was encoded with, checked against the manifest."""
     from data_prep.codecs import load_codec
@@ -134,45 +167,134 @@ def make_noise(stds: torch.Tensor, latent_dim: int, frames: int, temperature: fl
     return noise * stds.view(-1, 1, 1) * temperature
 
 
-def start_chunks(run_dir: Path, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """n seeded picks of validation input chunks (for continuation) and their names."""
-    from data_prep.latent_store import LatentStore
+def data_noise(stats: tuple[torch.Tensor, ...], n: int, frames: int, temperature: float,
+               seed: int) -> torch.Tensor:
+    """[n, C, frames]: the curriculum's "data" noise at alpha 1 (jobs.curriculum.mix_noise)
+    with both spreads scaled by the temperature, from a private seeded generator."""
+    from jobs.curriculum import mix_noise
+
+    mean, song_std, frame_std = (s.detach().float().cpu() for s in stats)
+    gen = torch.Generator().manual_seed(seed)
+    zeros = torch.zeros(n, len(mean), frames)
+    return mix_noise(zeros, 1.0, gen, (mean, temperature * song_std, temperature * frame_std))
+
+
+def pick_pairs(run_dir: Path, n: int, seed: int, split: str = "val") -> list[dict]:
+    """n seeded picks of a split's pairs: a seeded permutation, repeated if n exceeds it."""
     from jobs.pair_data import read_pairs
 
-    pairs = read_pairs(Path(run_dir) / "pairs" / "val.jsonl")
+    path = Path(run_dir) / "pairs" / f"{split}.jsonl"
+    pairs = read_pairs(path)
     if not pairs:
-        raise ValueError(f"{run_dir}/pairs/val.jsonl is empty: no start chunks to continue")
+        raise ValueError(f"{path} is empty: no real pairs to make fakes from")
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    return [pairs[i] for i in np.resize(order, n)]
+
+
+def pairs_by_index(run_dir: Path, indices: list[int], split: str = "val") -> list[dict]:
+    """The pairs at `indices` (line numbers from 0) of pairs/<split>.jsonl."""
+    from jobs.pair_data import read_pairs
+
+    path = Path(run_dir) / "pairs" / f"{split}.jsonl"
+    pairs = read_pairs(path)
+    bad = [i for i in indices if not 0 <= i < len(pairs)]
+    if bad:
+        raise ValueError(f"pair index {bad[0]} is out of range: {path} has {len(pairs)} "
+                         "pairs (list them with --list-pairs)")
+    return [pairs[i] for i in indices]
+
+
+def load_pairs(run_dir: Path, pairs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean (inputs, targets) latents [n, C, T] float32 of pair records."""
+    from data_prep.latent_store import LatentStore
+
     store = LatentStore(Path(run_dir) / "encode")
-    picks = np.random.default_rng(seed).integers(0, len(pairs), n)
-    chunks = [torch.from_numpy(np.asarray(store.get(pairs[i]["song"], pairs[i]["input"]),
-                                          np.float32)) for i in picks]
-    names = [f"{pairs[i]['song']}#{pairs[i]['input']}" for i in picks]
-    return torch.stack(chunks), names
+
+    def stack(song_key: str, chunk_key: str) -> torch.Tensor:
+        try:
+            return torch.stack([torch.from_numpy(np.asarray(
+                store.get(p[song_key], int(p[chunk_key])), np.float32)) for p in pairs])
+        except (KeyError, IndexError) as exc:
+            raise ValueError(f"{exc.args[0] if exc.args else exc}") from None
+    return stack("song", "input"), stack("target_song", "target")
+
+
+def pair_name(pair: dict) -> str:
+    """The pair as 'song#input x target_song#target'."""
+    return f"{pair['song']}#{pair['input']} x {pair['target_song']}#{pair['target']}"
+
+
+@dataclass
+class Fakes:
+    """A generator's fakes and how they were made (see make_fakes)."""
+    latents: torch.Tensor                       # [n, C, T] float32, CPU
+    titles: list[str]
+    mode: str                                   # "continuation" or "creative"
+    alpha: float                                # curriculum noise share of the views (0 = clean)
+    source: str                                 # "noise" or "pairs"
+    pairs: list[dict] = field(default_factory=list)   # the real pairs used (source "pairs")
+    targets: Optional[torch.Tensor] = None      # their clean targets [n, C, T]
+    masks: Optional[tuple[torch.Tensor, torch.Tensor]] = None   # creative (m_in, m_tgt)
 
 
 @torch.no_grad()
-def synthesize(generator: torch.nn.Module, noise: torch.Tensor) -> torch.Tensor:
-    """Noise -> latents with the generator in eval mode; its training flag is restored."""
+def make_fakes(generator: torch.nn.Module, cfg: Config, run_dir: Path, stage: str, epoch: int,
+               n: int, seed: int, temperature: float = 1.0, pairs: Optional[list[dict]] = None,
+               alpha: Optional[float] = None, from_real: bool = False) -> Fakes:
+    """n fakes made the way `stage` of `cfg` trained the generator at `epoch`.
+
+    creative: the cascade on real (input, target) pairs (`pairs`, else n seeded picks of
+    validation pairs), both seen through the curriculum's noise at that epoch's alpha.
+    continuation: temperature-scaled noise (generation), or with `from_real` the pairs'
+    inputs through the curriculum's noise. `alpha` overrides the schedule's. Eval mode,
+    the caller's RNG and training flag untouched; `seed` fixes the picks and the noise.
+    """
+    from jobs.curriculum import mix_noise
+
+    mode, scheduled = trained_as(cfg, stage, epoch)
+    alpha = scheduled if alpha is None else float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     model = getattr(generator, "module", generator)
+    device = next(model.parameters()).device
+    use_pairs = mode == "creative" or from_real or pairs is not None
+    if mode == "continuation" and pairs is not None and not from_real:
+        raise ValueError(f"{stage} trained the generator in continuation mode: it has no "
+                         "cascade to run on (input, target) pairs (a creative stage has)")
     was_training = model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=[]):
-            return model.generate(noise).float()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            stats = model.noise_stats(getattr(cfg, stage).curriculum.noise)
+            if not use_pairs:
+                manifest = read_manifest(run_dir)
+                if stats is None:
+                    noise = make_noise(reference_stds(run_dir, n, seed), manifest["latent_dim"],
+                                       manifest["frames"], temperature, seed)
+                else:
+                    noise = data_noise(stats, n, manifest["frames"], temperature, seed)
+                latents = model.generate(noise.to(device)).float().cpu()
+                titles = [f"sample {i} (seed {seed}, T={temperature:g}, {stage} epoch {epoch})"
+                          for i in range(n)]
+                return Fakes(latents, titles, mode, 1.0, "noise")
+            pairs = list(pairs) if pairs is not None else pick_pairs(run_dir, n, seed)
+            inputs, targets = load_pairs(run_dir, pairs)
+            gen = torch.Generator().manual_seed(seed)
+            in_view = mix_noise(inputs, alpha, gen, stats)
+            tgt_view = mix_noise(targets, alpha, gen, stats)
+            out = model(in_view.to(device), tgt_view.to(device), mode)
     finally:
         model.train(was_training)
-
-
-@torch.no_grad()
-def continue_from(generator: torch.nn.Module, starts: torch.Tensor) -> torch.Tensor:
-    """Start chunks -> predicted continuation chunks (continuation mode, eval)."""
-    model = getattr(generator, "module", generator)
-    was_training = model.training
-    model.eval()
-    try:
-        return model(starts, None, "continuation")["output"].float()
-    finally:
-        model.train(was_training)
+    latents = out["output"].float().cpu()
+    if mode == "creative":
+        masks = (out["mask_in"].float().cpu(), out["mask_tgt"].float().cpu())
+        titles = [f"{pair_name(p)} (creative, alpha {alpha:g}, {stage} epoch {epoch})"
+                  for p in pairs]
+        return Fakes(latents, titles, mode, alpha, "pairs", pairs, targets, masks)
+    titles = [f"continuation of {p['song']}#{p['input']} (alpha {alpha:g}, {stage} epoch "
+              f"{epoch})" for p in pairs]
+    return Fakes(latents, titles, mode, alpha, "pairs", pairs, targets)
 
 
 # --- files ------------------------------------------------------------------------------
@@ -214,16 +336,49 @@ def write_spectrogram(path: Path, latents: np.ndarray, frame_rate: int, title: s
     plt.close(fig)
 
 
-def write_samples(out_dir: Path, latents: torch.Tensor, waves: torch.Tensor, sample_rate: int,
-                  frame_rate: int, codec_name: str, titles: list[str]) -> list[dict]:
-    """sample_<i>.wav and sample_<i>.png for every item; returns one record per sample."""
+def write_masks(path: Path, m_in: np.ndarray, m_tgt: np.ndarray, frame_rate: int,
+                title: str) -> None:
+    """PNG of a creative sample's input and target masks [C, T] (0..1) against time."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2), sharey=True)
+    frames = m_in.shape[-1]
+    for ax, mask, name in ((axes[0], m_in, "input mask m_in"),
+                           (axes[1], m_tgt, "target mask m_tgt")):
+        im = ax.imshow(mask, origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
+                       extent=(0, frames / frame_rate, 0, mask.shape[0]))
+        ax.set(xlabel="time (s)", title=f"{name} (mean {mask.mean():.2f})")
+    axes[0].set_ylabel("latent channel")
+    fig.colorbar(im, ax=axes.tolist())
+    fig.suptitle(f"{title}; complementarity {1.0 - float((m_in * m_tgt).mean()):.2f}",
+                 fontsize=9)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
+def write_samples(out_dir: Path, fakes: Fakes, waves: torch.Tensor, sample_rate: int,
+                  frame_rate: int, codec_name: str, prefix: str = "") -> list[dict]:
+    """sample_<i>.wav, sample_<i>.png (and creative masks_<i>.png) per fake; one record each."""
     records = []
-    for i, title in enumerate(titles):
+    for i, title in enumerate(fakes.titles):
+        title = prefix + title
         wav, png = out_dir / f"sample_{i}.wav", out_dir / f"sample_{i}.png"
         gain = write_wav(wav, waves[i].cpu().numpy(), sample_rate)
-        write_spectrogram(png, latents[i].cpu().numpy(), frame_rate, title, codec_name)
-        records.append({"wav": str(wav), "png": str(png), "samples": int(waves[i].shape[-1]),
-                        "gain": gain, "title": title})
+        write_spectrogram(png, fakes.latents[i].numpy(), frame_rate, title, codec_name)
+        record = {"wav": str(wav), "png": str(png), "samples": int(waves[i].shape[-1]),
+                  "gain": gain, "title": title}
+        if fakes.pairs:
+            record["pair"] = dict(fakes.pairs[i])
+        if fakes.masks is not None:
+            m_in, m_tgt = (m[i].numpy() for m in fakes.masks)
+            record["masks"] = str(out_dir / f"masks_{i}.png")
+            write_masks(Path(record["masks"]), m_in, m_tgt, frame_rate, title)
+            record |= {"mask_in_mean": float(m_in.mean()), "mask_tgt_mean": float(m_tgt.mean()),
+                       "complementarity": 1.0 - float((m_in * m_tgt).mean())}
+        records.append(record)
     return records
 
 
@@ -231,11 +386,14 @@ def write_samples(out_dir: Path, latents: torch.Tensor, waves: torch.Tensor, sam
 
 def run(cfg: Config, run_dir: Path, checkpoint: Optional[Path] = None, n: Optional[int] = None,
         temperature: Optional[float] = None, seed: Optional[int] = None,
-        out_dir: Optional[Path] = None, start_chunk: bool = False) -> dict:
-    """Generate n samples from a checkpoint into out_dir (default run_dir/generate)."""
+        out_dir: Optional[Path] = None, start_chunk: bool = False,
+        pairs: Optional[list[dict]] = None, alpha: Optional[float] = None) -> dict:
+    """Generate from a checkpoint into out_dir (default run_dir/generate), as it was trained
+    (make_fakes); `pairs` runs a creative checkpoint's cascade on those (input, target)
+    pairs, `start_chunk` a continuation checkpoint on clean validation chunks."""
     run_dir = Path(run_dir)
     path = Path(checkpoint) if checkpoint else default_checkpoint(run_dir, cfg.generate.checkpoint)
-    n = cfg.generate.n if n is None else n
+    n = len(pairs) if pairs else (cfg.generate.n if n is None else n)
     temperature = cfg.generate.temperature if temperature is None else temperature
     seed = cfg.generate.seed if seed is None else seed
     if n < 1 or temperature <= 0:
@@ -244,22 +402,26 @@ def run(cfg: Config, run_dir: Path, checkpoint: Optional[Path] = None, n: Option
     out_dir = Path(out_dir) if out_dir else run_dir / "generate"
     manifest = read_manifest(run_dir)
     generator, state = load_generator(path, manifest)
+    stage, epoch = checkpoint_origin(state, path)
+    model_cfg = model_config(state, path)
+    mode, _ = trained_as(model_cfg, stage, epoch)
+    if pairs and mode != "creative":
+        raise ValueError(f"{path} was trained in continuation mode ({stage}), so it has no "
+                         "cascade to run on a pair of songs; use --start-chunk to continue "
+                         "real chunks")
+    if start_chunk and mode == "creative":
+        raise ValueError(f"{path} was trained in creative mode ({stage}): it makes music from "
+                         "(input, target) pairs (--pair, --input-song/--target-song), not "
+                         "from a start chunk alone")
     codec = run_codec(cfg, manifest)
-    if start_chunk:
-        starts, names = start_chunks(run_dir, n, seed)
-        latents = continue_from(generator, starts)
-        titles = [f"continuation of {name}" for name in names]
-    else:
-        noise = make_noise(reference_stds(run_dir, n, seed), manifest["latent_dim"],
-                           manifest["frames"], temperature, seed)
-        latents = synthesize(generator, noise)
-        titles = [f"sample {i} (seed {seed}, T={temperature:g}, epoch {state.get('epoch')})"
-                  for i in range(n)]
-    waves = codec.decode(latents).float()
-    records = write_samples(out_dir, latents, waves, codec.sample_rate, manifest["frame_rate"],
-                            manifest["codec"], titles)
-    result = {"checkpoint": str(path), "epoch": state.get("epoch"), "n": n, "seed": seed,
-              "temperature": temperature, "start_chunk": start_chunk,
+    fakes = make_fakes(generator, model_cfg, run_dir, stage, epoch, n, seed, temperature,
+                       pairs=pairs, alpha=0.0 if start_chunk else alpha, from_real=start_chunk)
+    waves = codec.decode(fakes.latents).float()
+    records = write_samples(out_dir, fakes, waves, codec.sample_rate, manifest["frame_rate"],
+                            manifest["codec"])
+    result = {"checkpoint": str(path), "stage": stage, "epoch": state.get("epoch"), "n": n,
+              "seed": seed, "temperature": temperature, "start_chunk": start_chunk,
+              "mode": fakes.mode, "source": fakes.source, "alpha": fakes.alpha,
               "sample_rate": codec.sample_rate, "codec": manifest["codec"],
               "out_dir": str(out_dir), "samples": records}
     atomic_write_json(out_dir / "generate.json", result)
@@ -267,28 +429,47 @@ def run(cfg: Config, run_dir: Path, checkpoint: Optional[Path] = None, n: Option
 
 
 def log_samples(cfg: Config, run_dir: Path, generator: torch.nn.Module, epoch: int,
-                tracker: Any) -> None:
-    """Log generate.n samples (audio + spectrogram) under samples/epoch_<n>/ in MLflow.
+                tracker: Any, stage: str = "stage3") -> None:
+    """Log generate.n samples (audio, spectrogram, creative masks) under samples/epoch_<n>/.
 
-    The noise uses generate.seed every time, so epochs are compared on the same inputs;
-    the trainer's RNG state is left untouched. The files are written to a temporary folder
-    (any stage may call this) and kept in the MLflow artifact store."""
+    Made by make_fakes as `stage` trains at `epoch`, with generate.seed every time, so
+    epochs are compared on the same noise and pairs; the trainer's RNG state is left
+    untouched. Files go to a temporary folder and are kept in the MLflow artifact store."""
     import tempfile
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     codec = run_codec(cfg, manifest)
-    seed = cfg.generate.seed
-    noise = make_noise(reference_stds(run_dir, cfg.generate.n, seed), manifest["latent_dim"],
-                       manifest["frames"], cfg.generate.temperature, seed)
-    latents = synthesize(generator, noise.to(next(generator.parameters()).device))
-    waves = codec.decode(latents).float()
-    titles = [f"epoch {epoch} sample {i}" for i in range(len(noise))]
+    fakes = make_fakes(generator, cfg, run_dir, stage, epoch, cfg.generate.n, cfg.generate.seed,
+                       cfg.generate.temperature)
+    waves = codec.decode(fakes.latents).float()
     with tempfile.TemporaryDirectory(prefix="samples-") as tmp:
-        for record in write_samples(Path(tmp), latents.cpu(), waves.cpu(), codec.sample_rate,
-                                    manifest["frame_rate"], manifest["codec"], titles):
-            tracker.log_artifact(record["wav"], f"samples/epoch_{epoch}")
-            tracker.log_artifact(record["png"], f"samples/epoch_{epoch}")
+        for record in write_samples(Path(tmp), fakes, waves.cpu(), codec.sample_rate,
+                                    manifest["frame_rate"], manifest["codec"],
+                                    prefix=f"epoch {epoch}: "):
+            for key in ("wav", "png", "masks"):
+                if key in record:
+                    tracker.log_artifact(record[key], f"samples/epoch_{epoch}")
+
+
+def chosen_pairs(run_dir: Path, args: argparse.Namespace) -> Optional[list[dict]]:
+    """The pairs asked for on the command line (--pair, --input-song/--target-song), or None."""
+    songs = (args.input_song, args.target_song)
+    if any(songs) and not all(songs):
+        raise ValueError("--input-song and --target-song go together")
+    chosen = pairs_by_index(run_dir, args.pair) if args.pair else []
+    if all(songs):
+        chosen.append({"song": args.input_song, "input": args.input_chunk,
+                       "target_song": args.target_song, "target": args.target_chunk})
+    return chosen or None
+
+
+def list_pairs(run_dir: Path) -> str:
+    """The validation pairs, one per line with its --pair index."""
+    from jobs.pair_data import read_pairs
+
+    pairs = read_pairs(Path(run_dir) / "pairs" / "val.jsonl")
+    return "\n".join(f"{i}\t{pair_name(p)}" for i, p in enumerate(pairs))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -299,18 +480,36 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--start-chunk", action="store_true",
-                        help="continue seeded validation chunks instead of starting from noise")
+                        help="continuation checkpoint: continue seeded clean validation chunks "
+                             "instead of starting from noise")
+    parser.add_argument("--pair", type=int, action="append", default=[],
+                        help="creative checkpoint: run the cascade on validation pair INDEX "
+                             "(repeatable; see --list-pairs)")
+    parser.add_argument("--input-song", default=None, help="creative: input song id")
+    parser.add_argument("--input-chunk", type=int, default=0)
+    parser.add_argument("--target-song", default=None, help="creative: target song id")
+    parser.add_argument("--target-chunk", type=int, default=0)
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="curriculum noise share of the pair views (default: the "
+                             "checkpoint's; 0 = the clean songs)")
+    parser.add_argument("--list-pairs", action="store_true",
+                        help="print the validation pairs with their --pair index and exit")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default <run>/generate)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     cfg, run_dir = load_run(args.run)
     try:
+        if args.list_pairs:
+            print(list_pairs(run_dir))
+            return 0
         result = run(cfg, run_dir, args.checkpoint, args.n, args.temperature, args.seed,
-                     args.out, args.start_chunk)
+                     args.out, args.start_chunk, chosen_pairs(run_dir, args), args.alpha)
     except (MismatchError, FileNotFoundError, ValueError) as exc:
         print(f"generate: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {len(result['samples'])} samples ({result['sample_rate']} Hz) to {result['out_dir']}")
+    masks = sum("masks" in r for r in result["samples"])
+    print(f"wrote {len(result['samples'])} samples ({result['sample_rate']} Hz, {result['mode']}"
+          f"{f', {masks} mask plots' if masks else ''}) to {result['out_dir']}")
     return 0
 
 

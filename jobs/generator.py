@@ -67,6 +67,26 @@ class Generator(nn.Module):
         self.fuse = nn.ModuleList(
             nn.Linear((2 if k == 0 else 3) * tr.latent_dim, tr.latent_dim)
             for k in range(tr.cascade_stages)) if creative else None
+        # Per-channel statistics of the training latents, set by the trainer from the data
+        # and saved with the weights: the shape of the curriculum's "data" noise, for
+        # training and generation alike (jobs.curriculum.mix_noise). Zero / one until set.
+        self.register_buffer("latent_mean", torch.zeros(tr.latent_dim))
+        self.register_buffer("latent_song_std", torch.ones(tr.latent_dim))
+        self.register_buffer("latent_frame_std", torch.ones(tr.latent_dim))
+
+    def set_latent_stats(self, mean: Tensor, song_std: Tensor, frame_std: Tensor) -> None:
+        """Store the training latents' per-channel mean, spread across chunks and spread
+        over time within a chunk (jobs.train.latent_stats)."""
+        self.latent_mean.copy_(mean)
+        self.latent_song_std.copy_(song_std)
+        self.latent_frame_std.copy_(frame_std)
+
+    def noise_stats(self, kind: str) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(mean, song std, frame std) for the curriculum's "data" noise, or None for the
+        seed's per-sample noise ("sample_std"); see jobs.curriculum.mix_noise."""
+        if kind != "data":
+            return None
+        return self.latent_mean, self.latent_song_std, self.latent_frame_std
 
     def idle_parameters(self, mode: str) -> bool:
         """True when some parameters get no gradient in `mode` (DDP needs to know)."""
@@ -136,7 +156,9 @@ class Generator(nn.Module):
     @torch.no_grad()
     def generate(self, noise: Tensor) -> Tensor:
         """Noise [B, 128, T] -> latents [B, 128, T]: continuation mode after the pure-GAN
-        curriculum. Call model.eval() first for deterministic VAE means and no dropout."""
+        curriculum. Call model.eval() first for deterministic VAE means and no dropout.
+        A creative generator makes music from (input, target) pairs instead: forward(...,
+        "creative"); jobs.generate.make_fakes picks the path a checkpoint was trained on."""
         return self.network(noise)["output"]
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from jobs.gan_losses import bce_vs_real, d_loss, d_probability, feature_matching, g_adv_loss
-from jobs.losses import (band_weights, generator_losses, mask_balance, mask_complementarity,
-                         mask_coverage, mask_temporal_diversity, output_range_penalty,
+from jobs.losses import (band_weights, creative_content, creative_style, generator_losses,
+                         mask_balance, mask_complementarity, mask_coverage, mask_overlap,
+                         mask_temporal_diversity, output_range_penalty, paired_total,
                          spectral_loss)
 from pipeline import config
 
@@ -40,6 +41,7 @@ def test_mask_terms_on_known_masks():
     # both one half everywhere
     assert mask_balance(half, half).item() == pytest.approx(0.0)
     assert mask_complementarity(half, half).item() == pytest.approx(0.75)
+    assert mask_overlap(half, half).item() == pytest.approx(0.25)
     assert mask_coverage(half, half).item() == pytest.approx(0.0)
     # both fully on: double coverage
     assert mask_coverage(ones, ones).item() == pytest.approx(1.0)
@@ -49,6 +51,7 @@ def test_mask_terms_on_known_masks():
     alt[..., ::2] = 1.0
     assert mask_balance(alt, 1 - alt).item() == pytest.approx(0.0)
     assert mask_complementarity(alt, 1 - alt).item() == pytest.approx(1.0)
+    assert mask_overlap(alt, 1 - alt).item() == pytest.approx(0.0)
 
 
 def test_temporal_diversity_hinge():
@@ -120,22 +123,135 @@ def test_continuation_total_is_weighted_sum(cfg):
     assert perfect["total"].item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_creative_reference_is_the_mask_blend(cfg):
-    x, y = torch.randn(2, 128, 30), torch.randn(2, 128, 30)
+def creative_batch(seed: int = 0, b: int = 2, t: int = 30):
+    """Input and target with different per-channel levels and independent time patterns."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 128, 1, generator=g) + torch.randn(b, 128, t, generator=g).cumsum(-1) * 0.3
+    y = torch.randn(b, 128, 1, generator=g) + torch.randn(b, 128, t, generator=g).cumsum(-1) * 0.3
+    return x, y
+
+
+def test_content_is_the_input_pattern_and_style_the_target_statistics():
+    x, y = creative_batch()
+    offset = torch.randn(2, 128, 1)
+    assert creative_content(2.5 * x + offset, x).item() == pytest.approx(0.0, abs=1e-5)
+    scale = torch.rand(2, 128, 1) + 0.5           # per channel: only the std floor differs
+    assert creative_content(scale * x + offset, x).item() < 0.02
+    assert creative_content(y, x).item() > 0.5
+    # the target's per-channel level and spread in the input's time pattern: style 0
+    xz = (x - x.mean(-1, keepdim=True)) / x.std(-1, unbiased=False, keepdim=True)
+    adain = xz * y.std(-1, unbiased=False, keepdim=True) + y.mean(-1, keepdim=True)
+    assert creative_style(adain, y).item() == pytest.approx(0.0, abs=1e-5)
+    assert creative_content(adain, x).item() < 0.02
+    assert creative_style(x, y).item() > 0.3
+    # a constant channel in the input asks for nothing impossible (finite, no blow-up)
+    flat = x.clone()
+    flat[:, 0] = 1.0
+    assert torch.isfinite(creative_content(x, flat))
+
+
+def test_creative_objective_copies_lose(cfg):
+    """Copying the input, the target, the masked views (the old blend reference) or a splice
+    of the two by complementary masks cannot score 0: each keeps at most one of input
+    pattern / target statistics."""
+    x, y = creative_batch()
+    m_in = (torch.rand_like(x) > 0.5).float()
+    m_tgt = 1 - m_in
+    st = stage(cfg, "stage1", mode="creative")
+    xz = (x - x.mean(-1, keepdim=True)) / x.std(-1, unbiased=False, keepdim=True)
+    adain = xz * y.std(-1, unbiased=False, keepdim=True) + y.mean(-1, keepdim=True)
+
+    def objective(output):
+        terms = generator_losses({"output": output, "mask_in": m_in, "mask_tgt": m_tgt},
+                                 x, y, st, "mel", 1.0)
+        return (st.loss.content * terms["content"] + st.loss.style * terms["style"]).item()
+    best = objective(adain)
+    soft = torch.full_like(x, 0.5)
+    for copy in (x, y, m_in * x + m_tgt * y, soft * x + soft * y):
+        assert objective(copy) > best + 0.3, (objective(copy), best)
+
+
+def test_creative_terms_and_total(cfg):
+    x, y = creative_batch()
     m_in = torch.zeros_like(x)
     m_in[..., :15] = 1.0                         # input in the first half, target after
     st = stage(cfg, "stage1", mode="creative")
-    blend = torch.cat([x[..., :15], y[..., 15:]], dim=-1)
-    out = {"output": blend, "mask_in": m_in, "mask_tgt": 1 - m_in}
+    out = {"output": x.clone(), "mask_in": m_in, "mask_tgt": 1 - m_in}
     terms = generator_losses(out, x, y, st, "mel", 1.0)
-    assert terms["latent_l1"].item() == pytest.approx(0.0, abs=1e-5)
     assert terms["balance"].item() == pytest.approx(0.0)
     assert terms["coverage"].item() == pytest.approx(0.0)
+    assert terms["overlap"].item() == pytest.approx(0.0)
     assert terms["complementarity"].item() == pytest.approx(1.0)
-    copy_target = generator_losses({**out, "output": y}, x, y, st, "mel", 1.0)
-    assert copy_target["latent_l1"].item() > 0.5
+    assert "latent_l1" not in terms              # no per-element reference in creative mode
+    lc = st.loss
+    expected = (lc.content * terms["content"] + lc.style * terms["style"]
+                + lc.output_range * terms["output_range"] + lc.balance * terms["balance"]
+                + lc.coverage * terms["coverage"] + lc.overlap * terms["overlap"]
+                + lc.temporal_diversity * terms["temporal_diversity"])
+    assert terms["total"].item() == pytest.approx(expected.item())
+    assert paired_total(terms, st).item() == pytest.approx(
+        (lc.content * terms["content"] + lc.style * terms["style"]
+         + lc.output_range * terms["output_range"]).item())
     with pytest.raises(ValueError, match="masks"):
         generator_losses({"output": y}, x, y, st, "mel", 1.0)
+
+
+def test_powermuse_mask_weights_in_creative_mode_only(cfg):
+    for name in ("stage1", "stage2", "stage3"):
+        lc = getattr(cfg, name).loss
+        assert (lc.overlap, lc.coverage, lc.temporal_diversity, lc.balance) == (10.0, 0.5, 5.0, 5.0)
+    x, y = creative_batch()
+    st = stage(cfg, "stage1")                    # continuation: the mask weights play no part
+    terms = generator_losses({"output": y + 0.1}, x, y, st, "mel", 1.0)
+    assert not {"overlap", "balance", "content", "style"} & set(terms)
+    lc = st.loss
+    assert terms["total"].item() == pytest.approx(
+        (lc.latent_l1 * terms["latent_l1"] + lc.latent_mse * terms["latent_mse"]
+         + lc.spectral * terms["spectral"] + lc.output_range * terms["output_range"]).item())
+
+
+def mask_logits(jitter: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (jitter * torch.randn(2, 2, 8, 40, generator=g)).requires_grad_()
+
+
+def mask_step_losses(cfg, overlap: float, logits: torch.Tensor) -> dict:
+    x, y = creative_batch(t=40, b=2)
+    x, y = x[:, :8], y[:, :8]
+    st = stage(cfg, "stage1", mode="creative", loss=loss_cfg(cfg, "stage1", overlap=overlap))
+    m = torch.sigmoid(logits)
+    return generator_losses({"output": x, "mask_in": m[0], "mask_tgt": m[1]}, x, y, st,
+                            "mel", 1.0)
+
+
+@pytest.mark.parametrize("overlap", [10.0, 0.0])
+def test_overlap_term_pushes_masks_apart(cfg, overlap):
+    """Masks of 0.5 everywhere satisfy balance and coverage; only the overlap term moves them
+    (one step: overlap falls); with symmetry broken a little, it drives them apart."""
+    logits = mask_logits(0.0)
+    before = mask_step_losses(cfg, overlap, logits)
+    before["total"].backward()
+    with torch.no_grad():
+        logits -= 1.0 * logits.grad
+    after = mask_step_losses(cfg, overlap, logits)
+    if overlap:
+        assert after["overlap"].item() < before["overlap"].item() - 1e-4
+    else:
+        assert after["overlap"].item() == pytest.approx(before["overlap"].item(), abs=1e-7)
+    logits = mask_logits(0.01)
+    opt = torch.optim.Adam([logits], lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        mask_step_losses(cfg, overlap, logits)["total"].backward()
+        opt.step()
+    m = torch.sigmoid(logits).detach()
+    apart = (m[0] - m[1]).abs().mean().item()
+    final = mask_step_losses(cfg, overlap, logits)
+    if overlap:
+        assert apart > 0.6 and final["complementarity"].item() > 0.9
+        assert abs(final["mask_in_mean"].item() - 0.5) < 0.1   # balance still holds
+    else:
+        assert apart < 0.3 and final["complementarity"].item() < 0.8
 
 
 def test_bf16_outputs_give_float32_losses(cfg):
