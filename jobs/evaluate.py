@@ -6,6 +6,10 @@ Numbers (all written to run_dir/evaluate/metrics.json and logged to MLflow):
   the held-out real latents as the reference scale;
 - diversity: mean pairwise distance of generated samples over that of real ones (a ratio
   near 0 is mode collapse);
+- precision, recall, density and coverage of generated frames against held-out real ones
+  (k-nearest-neighbour balls, Kynkaanniemi et al. 2019, Naeem et al. 2020), with training
+  music against held-out music as the reference: recall and coverage fall to ~0 for a
+  collapsed generator, which the Frechet distance alone can reward;
 - spectral flatness and RMS of the decoded audio, generated against real (the real
   latents go through the same codec, so codec artefacts are on both sides).
 """
@@ -22,6 +26,8 @@ import torch
 from pipeline.schema import Config
 
 TINY = 1e-12   # keeps logs finite on digital silence
+NEIGHBOURS = 5       # k of the k-NN balls (Naeem et al. 2020 recommend 5)
+MAX_FRAMES = 2000    # frames per set for the k-NN figures (a seeded subsample; cdist is N^2)
 
 
 # --- pure metrics -------------------------------------------------------------------
@@ -80,6 +86,84 @@ def diversity_ratio(generated: np.ndarray | torch.Tensor, real: np.ndarray | tor
     return diversity(generated) / ref
 
 
+def spread_sums(x: np.ndarray | torch.Tensor) -> tuple[float, torch.Tensor, float]:
+    """(count, per-element sum, sum of squares) of samples x [N, ...] in float64: sums that
+    add over batches and ranks, from which `rms_pairwise_distance` gets the set's spread."""
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x.detach())
+    t = t.to(torch.float64).reshape(t.shape[0], -1)
+    return float(t.shape[0]), t.sum(0), float(t.pow(2).sum())
+
+
+def rms_pairwise_distance(count: float, total: torch.Tensor, total_sq: float) -> float:
+    """Root mean square over all pairs of the per-element RMS distance, from `spread_sums`:
+    sum_{i != j} |x_i - x_j|^2 = 2 n S2 - 2 |S1|^2 over n (n - 1) pairs and F elements."""
+    if count < 2:
+        raise ValueError(f"rms_pairwise_distance: need at least 2 samples, got {count:g}")
+    total = torch.as_tensor(total, dtype=torch.float64)
+    mean_sq = (2 * count * total_sq - 2 * float(total.pow(2).sum())) / (count * (count - 1))
+    return max(mean_sq / total.numel(), 0.0) ** 0.5
+
+
+def knn_radii(x: np.ndarray | torch.Tensor, k: int,
+              groups: np.ndarray | None = None) -> torch.Tensor:
+    """Distance of each sample of x [N, D] to its k-th nearest neighbour; with `groups` [N],
+    neighbours of the sample's own group (frames of one chunk) are left out."""
+    t = torch.as_tensor(np.asarray(x, np.float64))
+    dist = torch.cdist(t, t)
+    if groups is None:
+        dist.fill_diagonal_(float("inf"))
+        others = len(t) - 1
+    else:
+        g = torch.as_tensor(np.asarray(groups))
+        same = g[:, None] == g[None, :]
+        dist[same] = float("inf")
+        others = int((~same).sum(1).min()) if len(t) else 0
+    if not 1 <= k <= others:
+        raise ValueError(f"knn_radii: k = {k} neighbours, but a sample has only {others} "
+                         "others (outside its own group) to choose from")
+    return dist.kthvalue(k, dim=1).values
+
+
+def manifold_metrics(real: np.ndarray, fake: np.ndarray, k: int = NEIGHBOURS,
+                     real_groups: np.ndarray | None = None,
+                     fake_groups: np.ndarray | None = None) -> dict[str, float]:
+    """Precision, recall (Kynkaanniemi et al. 2019), density and coverage (Naeem et al. 2020)
+    of fakes [M, D] against reals [N, D] from k-NN balls (see the README's evaluation)."""
+    # precision: fakes inside some real ball; recall: reals inside some fake ball (0 when
+    # the fakes collapse, their balls shrink to points); density: real balls per fake / k;
+    # coverage: reals whose own ball holds a fake
+    real_r = knn_radii(real, k, real_groups)
+    fake_r = knn_radii(fake, k, fake_groups)
+    dist = torch.cdist(torch.as_tensor(np.asarray(real, np.float64)),
+                       torch.as_tensor(np.asarray(fake, np.float64)))     # [N, M]
+    inside = dist <= real_r[:, None]                                      # fake j in real ball i
+    return {"precision": float(inside.any(0).double().mean()),
+            "recall": float((dist <= fake_r[None, :]).any(1).double().mean()),
+            "density": float(inside.sum(0).double().mean()) / k,
+            "coverage": float((dist.min(1).values <= real_r).double().mean())}
+
+
+def sample_frames(latents: np.ndarray | torch.Tensor, max_frames: int,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to max_frames seeded frames of latents [B, D, T] as ([n, D], their chunk ids)."""
+    frames = frames_of(latents)
+    groups = np.repeat(np.arange(latents.shape[0]), latents.shape[2])
+    if len(frames) > max_frames:
+        keep = np.sort(np.random.default_rng(seed).choice(len(frames), max_frames, replace=False))
+        frames, groups = frames[keep], groups[keep]
+    return frames, groups
+
+
+def chunk_manifold_metrics(generated: np.ndarray | torch.Tensor, real: np.ndarray | torch.Tensor,
+                           k: int = NEIGHBOURS, max_frames: int = MAX_FRAMES,
+                           seed: int = 0) -> dict[str, float]:
+    """`manifold_metrics` of the frames of generated chunks [B, D, T] against real ones; a
+    frame's ball ignores its own chunk (neighbours in time are near-copies of it)."""
+    fake, fake_groups = sample_frames(generated, max_frames, seed)
+    ref, ref_groups = sample_frames(real, max_frames, seed + 1)
+    return manifold_metrics(ref, fake, k, ref_groups, fake_groups)
+
+
 def spectral_flatness(wave: np.ndarray | torch.Tensor, fft_size: int) -> float:
     """Mean over STFT frames of geometric / arithmetic mean power (0 = tonal, 1 = white noise).
 
@@ -128,27 +212,37 @@ def compare(generated: torch.Tensor, real: torch.Tensor, reference: torch.Tensor
     """All evaluation numbers for generated latents/audio against real held-out ones.
 
     `reference` is a second real set (training chunks): its distance to the held-out set is
-    the scale a good generator's Fréchet distance should approach."""
+    the scale a good generator's Fréchet distance should approach, and its precision,
+    recall, density and coverage (`*_train_vs_real`) the values real music reaches."""
     fd = frechet_distance(frames_of(generated), frames_of(real))
     fd_ref = frechet_distance(frames_of(reference), frames_of(real))
-    return {
+    flat_gen = spectral_flatness(gen_audio, fft_size)
+    flat_real = spectral_flatness(real_audio, fft_size)
+    out = {
         "frechet_generated_vs_real": fd,
         "frechet_train_vs_real": fd_ref,
         "frechet_ratio": fd / fd_ref if fd_ref > 0 else float("inf"),
         "diversity_generated": diversity(generated),
         "diversity_real": diversity(real),
         "diversity_ratio": diversity_ratio(generated, real),
-        "flatness_generated": spectral_flatness(gen_audio, fft_size),
-        "flatness_real": spectral_flatness(real_audio, fft_size),
+        "flatness_generated": flat_gen,
+        "flatness_real": flat_real,
+        "flatness_ratio": flat_gen / flat_real if flat_real > 0 else float("inf"),
         "rms_db_generated": rms_db(gen_audio),
         "rms_db_real": rms_db(real_audio),
     }
+    for name, which in (("generated_vs_real", generated), ("train_vs_real", reference)):
+        for key, value in chunk_manifold_metrics(which, real).items():
+            out[f"{key}_{name}"] = value
+    return out
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
-    """Evaluate the configured checkpoint against held-out real data; write metrics.json."""
-    from jobs.generate import (default_checkpoint, load_generator, make_noise, read_manifest,
-                               reference_stds, run_codec, synthesize)
+    """Evaluate the configured checkpoint against held-out real data; write metrics.json.
+    Its fakes are made as its stage trained it (jobs.generate.make_fakes): noise for a
+    continuation generator, the cascade on validation pairs for a creative one."""
+    from jobs.generate import (checkpoint_origin, default_checkpoint, load_generator,
+                               make_fakes, model_config, read_manifest, run_codec)
     from pipeline.atomic import atomic_write_json
     from pipeline.tracking import step_run
 
@@ -159,20 +253,23 @@ def run(cfg: Config, run_dir: Path) -> dict:
     generator, state = load_generator(path, manifest)
     real = real_latents(run_dir, "val", ev.n, ev.seed)
     reference = real_latents(run_dir, "train", ev.n, ev.seed)
-    noise = make_noise(reference_stds(run_dir, ev.n, ev.seed), manifest["latent_dim"],
-                       manifest["frames"], cfg.generate.temperature, ev.seed)
-    generated = synthesize(generator, noise)
+    stage, epoch = checkpoint_origin(state, path)
+    fakes = make_fakes(generator, model_config(state, path), run_dir, stage, epoch, ev.n,
+                       ev.seed, cfg.generate.temperature)
+    generated = fakes.latents
     codec = run_codec(cfg, manifest)
     metrics = compare(generated, real, reference, codec.decode(generated), codec.decode(real),
                       ev.fft_size)
     result = {"checkpoint": str(path), "epoch": state.get("epoch"), "codec": manifest["codec"],
               "pretrained": manifest.get("pretrained"), "n_generated": len(generated),
-              "n_real": len(real), "seed": ev.seed, "metrics": metrics}
+              "n_real": len(real), "seed": ev.seed, "mode": fakes.mode, "alpha": fakes.alpha,
+              "metrics": metrics}
     out = run_dir / "evaluate" / "metrics.json"
     atomic_write_json(out, result)
     with step_run(cfg, run_dir, "evaluate") as tracker:
         tracker.log_params({"checkpoint": str(path), "epoch": state.get("epoch"),
-                            "n_generated": len(generated), "n_real": len(real), "seed": ev.seed})
+                            "n_generated": len(generated), "n_real": len(real), "seed": ev.seed,
+                            "mode": fakes.mode, "alpha": fakes.alpha})
         tracker.log_metrics(metrics)
         tracker.log_artifact(out, "evaluate")
     return result

@@ -33,6 +33,10 @@ def find_run(run: Optional[str], root: str = "runs") -> Path:
     return found[-1].parent.resolve()
 
 
+# evaluate's figures shown by status: collapse shows in diversity and recall, not Frechet
+EVALUATE_KEYS = ("diversity_ratio", "recall_generated_vs_real", "frechet_ratio")
+
+
 def _elapsed(seconds: float) -> str:
     """Like squeue's TIME column: M:SS, or H:MM:SS from an hour on."""
     seconds = int(max(0, seconds))
@@ -47,7 +51,7 @@ def latest_metric(run_dir: Path, step: str) -> str:
         if step in dag.TRAIN_STEPS and (folder / "metrics.jsonl").exists():
             lines = (folder / "metrics.jsonl").read_text().strip().splitlines()
             last = json.loads(lines[-1])
-            keys = [k for k in ("val_loss", "best_val_loss") if k in last]
+            keys = [k for k in ("val_loss", "best_val_loss", "val_diversity_ratio") if k in last]
             return f"epoch {last.get('epoch', len(lines))} " + \
                 " ".join(f"{k}={last[k]:.4g}" for k in keys)
         if step == "chunk":
@@ -62,11 +66,23 @@ def latest_metric(run_dir: Path, step: str) -> str:
             m = json.loads((folder / "manifest.json").read_text())
             return f"rows={sum(s['rows'] for s in m.get('shards', []))} codec={m.get('codec')}"
         if step == "evaluate" and (folder / "metrics.json").exists():
-            m = json.loads((folder / "metrics.json").read_text())
-            return " ".join(f"{k}={v:.4g}" for k, v in list(m.items())[:2] if isinstance(v, (int, float)))
+            m = json.loads((folder / "metrics.json").read_text()).get("metrics", {})
+            return " ".join(f"{k}={m[k]:.3g}" for k in EVALUATE_KEYS if k in m)
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return ""
     return ""
+
+
+def gate_note(run_dir: Path, step: str) -> str:
+    """"validation gate failed: <reason>" from a training step's gate.json, else ""."""
+    path = run_dir / step / "gate.json"
+    if step not in dag.TRAIN_STEPS or not path.exists():
+        return ""
+    try:
+        gate = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return ""
+    return "" if gate.get("passed", True) else f"validation gate failed: {gate.get('reason', '')}"
 
 
 def step_rows(run_dir: Path) -> list[dict]:
@@ -107,6 +123,8 @@ def step_rows(run_dir: Path) -> list[dict]:
         reasons = [m.get("reason", "") for m in marks if m.get("reason")]
         if st not in LIVE_STATES and reasons:
             note = reasons[0]
+        if st in ("FAILED", "LOST") and not note:   # e.g. a launcher that died before its marker
+            note = gate_note(run_dir, name)
         if "DependencyNeverSatisfied" in note:
             note = "an upstream step failed: this job never starts (pipeline.resume re-submits it)"
         rows.append({"step": name, "job": job, "state": st, "elapsed": elapsed,

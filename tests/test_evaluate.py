@@ -112,3 +112,79 @@ def test_evaluate_step_writes_metrics_and_logs_them(tmp_path):
     logged = client.get_run(run_id).data.metrics
     assert logged["diversity_ratio"] == pytest.approx(m["diversity_ratio"])
     assert [a.path for a in client.list_artifacts(run_id, "evaluate")] == ["evaluate/metrics.json"]
+
+
+# --- k-NN manifold figures: precision, recall, density, coverage ---------------------------
+
+def test_manifold_metrics_follow_their_definitions_on_a_hand_computed_case():
+    real = np.array([[0.0], [1.0], [2.0], [10.0]])
+    fake = np.array([[0.5], [20.0]])
+    m = ev.manifold_metrics(real, fake, k=1)
+    # real k=1 radii 1, 1, 1, 8; fake radii 19.5, 19.5
+    assert m["precision"] == pytest.approx(0.5)      # 0.5 lies in a real ball, 20 in none
+    assert m["density"] == pytest.approx(1.0)        # 0.5 lies in 2 balls, 20 in 0: 2 / (1 * 2)
+    assert m["coverage"] == pytest.approx(0.5)       # reals 0 and 1 have a fake in their ball
+    assert m["recall"] == pytest.approx(1.0)         # every real lies in a fake ball
+    # neighbours of the same group (frames of one chunk) do not set a ball's radius
+    pairs = np.array([[0.0], [0.1], [5.0], [5.1]])
+    groups = np.array([0, 0, 1, 1])
+    assert ev.knn_radii(pairs, 1).tolist() == pytest.approx([0.1, 0.1, 0.1, 0.1])
+    assert ev.knn_radii(pairs, 1, groups).tolist() == pytest.approx([5.0, 4.9, 4.9, 5.0])
+    with pytest.raises(ValueError, match="k = 3"):
+        ev.knn_radii(pairs, 3, groups)
+
+
+def test_recall_and_coverage_catch_collapse_and_real_music_scores_like_real_music(codec):
+    real = codec.encode(songs(range(0, 8)))
+    train = codec.encode(songs(range(8, 16)))         # the real-vs-real reference
+    other = codec.encode(songs(range(16, 24)))        # "generated" = drawn from the real data
+    collapsed = real.mean(dim=(0, 2), keepdim=True).expand_as(real).clone()  # one mean frame
+    ref = ev.chunk_manifold_metrics(train, real)
+    good = ev.chunk_manifold_metrics(other, real)
+    bad = ev.chunk_manifold_metrics(collapsed, real)
+    assert ref["recall"] > 0.4 and ref["coverage"] > 0.4
+    for key in ("precision", "recall", "coverage"):
+        assert good[key] == pytest.approx(ref[key], abs=0.15), (key, good, ref)
+    assert bad["recall"] < 0.02
+    assert bad["coverage"] < 0.3 * ref["coverage"]
+    # the mean frame sits inside the real manifold: precision cannot see collapse
+    assert bad["precision"] > 0.9
+    # Frechet on frames is fooled more easily: one mean frame is not far from real
+    assert ev.frechet_distance(ev.frames_of(collapsed), ev.frames_of(real)) < \
+        10 * ev.frechet_distance(ev.frames_of(train), ev.frames_of(real))
+
+
+def test_compare_reports_manifold_figures_with_their_reference_and_flatness_ratio(codec):
+    real = codec.encode(songs(range(0, 4)))
+    train = codec.encode(songs(range(4, 8)))
+    audio = songs(range(0, 4))
+    m = ev.compare(real.clone(), real, train, audio * 0.5, audio, 1024)
+    for key in ("precision", "recall", "density", "coverage"):
+        assert f"{key}_generated_vs_real" in m and f"{key}_train_vs_real" in m
+    # generated = the held-out set itself: every frame is in the manifold and covers it
+    assert m["precision_generated_vs_real"] == m["recall_generated_vs_real"] == 1.0
+    assert m["coverage_generated_vs_real"] == 1.0
+    assert 0 < m["recall_train_vs_real"] < 1
+    assert m["flatness_ratio"] == pytest.approx(m["flatness_generated"] / m["flatness_real"])
+
+
+# --- the spread of a set from running sums (validation over every rank) --------------------
+
+def test_rms_pairwise_distance_from_sums_matches_the_pairs_and_merges_across_parts():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 4, 5, generator=gen) * 2 + 1
+    flat = x.reshape(12, -1).double()
+    i, j = torch.triu_indices(12, 12, offset=1)
+    direct = ((flat[i] - flat[j]).pow(2).sum(1) / flat.shape[1]).mean().sqrt()
+    count, total, total_sq = ev.spread_sums(x)
+    assert ev.rms_pairwise_distance(count, total, total_sq) == pytest.approx(float(direct))
+    a, b = ev.spread_sums(x[:5]), ev.spread_sums(x[5:])
+    merged = (a[0] + b[0], a[1] + b[1], a[2] + b[2])
+    assert ev.rms_pairwise_distance(*merged) == pytest.approx(float(direct))
+    # close to diversity (mean of distances rather than their root mean square)
+    spread = ev.rms_pairwise_distance(count, total, total_sq)
+    assert spread == pytest.approx(ev.diversity(x), rel=0.1)
+    same = ev.spread_sums(x[:1].repeat(6, 1, 1))
+    assert ev.rms_pairwise_distance(*same) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="at least 2"):
+        ev.rms_pairwise_distance(*ev.spread_sums(x[:1]))
