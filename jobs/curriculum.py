@@ -18,14 +18,33 @@ def gan_alpha(epoch: int, cur: CurriculumConfig) -> float:
     return min(cur.cap, cur.rate * (epoch - cur.start_epoch + 1))
 
 
-def mix_noise(x: Tensor, alpha: float, generator: torch.Generator | None = None) -> Tensor:
-    """(1 - alpha) * x + alpha * noise, the noise Gaussian with each sample's own std
-    (over dims 1, 2). alpha = 0 returns x itself. Losses still compare against clean x."""
+NOISE = ("sample_std", "data")
+
+
+def mix_noise(x: Tensor, alpha: float, generator: torch.Generator | None = None,
+              stats: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """(1 - alpha) * x + alpha * noise. alpha = 0 returns x itself; losses still compare
+    against clean x.
+
+    Without `stats` the noise is the seed's: Gaussian, zero mean, each sample's own std over
+    dims 1, 2. With `stats` = per-channel (mean, song_std, frame_std) of the training latents
+    [C] each, it is shaped like the data at both time scales:
+    mean + song_std * g + frame_std * e, with g drawn once per sample and channel and e per
+    frame. Zero-mean noise throws away the data's level (log-mel latents sit around -5,
+    which Adam needs thousands of steps to relearn), and frame-wise noise alone averages out
+    over a chunk, so every sample would share one song-level spectrum.
+    """
     if alpha == 0:
         return x
-    std = x.std(dim=(1, 2), keepdim=True)
-    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    return (1.0 - alpha) * x + alpha * noise * std
+    frames = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    if stats is None:
+        noise = frames * x.std(dim=(1, 2), keepdim=True)
+    else:
+        mean, song_std, frame_std = (s.to(x.device, x.dtype).view(1, -1, 1) for s in stats)
+        song = torch.randn(x.shape[:2] + (1,), generator=generator, dtype=x.dtype,
+                           device=x.device)
+        noise = mean + song_std * song + frame_std * frames
+    return (1.0 - alpha) * x + alpha * noise
 
 
 def adv_weight(epoch: int, gan: GanConfig) -> float:

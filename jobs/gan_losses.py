@@ -83,12 +83,77 @@ def g_adv_loss(fake_logits: list[Tensor], gan: GanConfig) -> Tensor:
     return _mean_over_scales([(f - 1.0).pow(2) for f in fake_logits])
 
 
-def feature_matching(real_feats: list[list[Tensor]], fake_feats: list[list[Tensor]]) -> Tensor:
-    """Mean L1 between detached real and fake D features, over every scale and layer."""
-    terms = [F.l1_loss(fake, real.detach())
-             for real_scale, fake_scale in zip(real_feats, fake_feats, strict=True)
-             for real, fake in zip(real_scale, fake_scale, strict=True)]
+FEATURE_MATCHING = ("paired", "batch")
+
+
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std of a [B, C, T] map over batch and time: two [C] vectors."""
+    flat = x.float().transpose(0, 1).reshape(x.shape[1], -1)
+    return flat.mean(dim=1), flat.std(dim=1)
+
+
+def feature_matching(real_feats: list[list[Tensor]], fake_feats: list[list[Tensor]],
+                     mode: str = "paired") -> Tensor:
+    """Distance between detached real and fake D features over every scale and layer.
+
+    paired (the seeds'): mean L1 between sample i's real and fake maps. When the generator's
+    input carries nothing about sample i's target (curriculum alpha 1), its minimum is the
+    average map, so it rewards collapse. batch (Salimans et al. 2016): L1 between the
+    per-channel mean and std over batch and time, so only the distribution is compared.
+    """
+    if mode not in FEATURE_MATCHING:
+        raise ValueError(f"stage.gan.feature_matching_mode must be one of {FEATURE_MATCHING}, "
+                         f"got {mode!r}")
+    terms = []
+    for real_scale, fake_scale in zip(real_feats, fake_feats, strict=True):
+        for real, fake in zip(real_scale, fake_scale, strict=True):
+            if mode == "paired":
+                terms.append(F.l1_loss(fake, real.detach()))
+                continue
+            (r_mean, r_std), (f_mean, f_std) = batch_stats(real.detach()), batch_stats(fake)
+            terms.append((f_mean - r_mean).abs().mean() + (f_std - r_std).abs().mean())
     return torch.stack(terms).mean()
+
+
+def frame_covariance(x: Tensor) -> Tensor:
+    """Covariance [C, C] of the frames of x [B, C, T] (every frame a sample)."""
+    frames = x.transpose(1, 2).reshape(-1, x.shape[1])
+    centred = frames - frames.mean(dim=0, keepdim=True)
+    return centred.T @ centred / max(len(frames) - 1, 1)
+
+
+def moment_matching(fake: Tensor, real: Tensor) -> dict[str, Tensor]:
+    """Distribution-level distances between fake and real latent batches [B, C, T].
+
+    Mean absolute differences of per-channel statistics: frame `mean` and `std` (over
+    batch and time), `between` (spread across the batch of each sample's time-mean: how
+    much songs differ), `within` (each sample's std over time: how much a song moves),
+    `delta` (std of frame-to-frame steps: how smoothly it moves), and `cov` (the frames'
+    channel covariance: which bins rise together). One average output loses on between and
+    within, white noise on delta and cov; "total" is their sum. Like any batch statistic
+    it compares distributions, so unlike a paired loss it cannot be won by collapse.
+    """
+    fake, real = fake.float(), real.detach().float()
+    (f_mean, f_std), (r_mean, r_std) = batch_stats(fake), batch_stats(real)
+    step_f, step_r = fake.diff(dim=-1), real.diff(dim=-1)
+    terms = {
+        "mean": (f_mean - r_mean).abs().mean(),
+        "std": (f_std - r_std).abs().mean(),
+        "between": (fake.mean(dim=-1).std(dim=0) - real.mean(dim=-1).std(dim=0)).abs().mean(),
+        "within": (fake.std(dim=-1).mean(dim=0) - real.std(dim=-1).mean(dim=0)).abs().mean(),
+        "delta": (batch_stats(step_f)[1] - batch_stats(step_r)[1]).abs().mean(),
+        "cov": (frame_covariance(fake) - frame_covariance(real)).abs().mean(),
+    }
+    terms["total"] = torch.stack(list(terms.values())).sum()
+    return terms
+
+
+def r1_penalty(real_logits: list[Tensor], real: Tensor) -> Tensor:
+    """Zero-centred gradient penalty on reals (Mescheder et al. 2018): mean over samples
+    of |d sum(logits) / d real|^2. `real` must require grad and feed `real_logits`."""
+    total = torch.stack([l.float().sum() for l in real_logits]).sum()
+    (grad,) = torch.autograd.grad(total, real, create_graph=True)
+    return grad.float().pow(2).reshape(len(real), -1).sum(dim=1).mean()
 
 
 def d_probability(logits: list[Tensor]) -> Tensor:

@@ -44,10 +44,11 @@ from data_prep.latent_store import LatentStore
 from jobs import checkpoint, distributed
 from jobs.curriculum import adv_weight, gan_alpha, kl_weight, mix_noise
 from jobs.discriminator import build_discriminator
-from jobs.gan_losses import d_loss, feature_matching, g_adv_loss
-from jobs.gate import evaluate_gate
+from jobs.evaluate import rms_pairwise_distance, spread_sums
+from jobs.gan_losses import d_loss, feature_matching, g_adv_loss, moment_matching, r1_penalty
+from jobs.gate import evaluate_gate, read_history
 from jobs.generator import build_generator
-from jobs.losses import generator_losses
+from jobs.losses import generator_losses, paired_total
 from jobs.pair_data import GlobalBatchSampler, PairDataset, read_pairs
 from jobs.telemetry import Telemetry
 from jobs.transfer import transfer_weights
@@ -350,7 +351,8 @@ def generator_step(ctx: Context, inp: torch.Tensor, tgt: torch.Tensor, epoch: in
                    batch: int) -> dict[str, float]:
     """Stages 1-2 (and stage 3's non-adversarial part): noisy views in, clean data in the loss."""
     s = ctx.schedules(epoch)
-    in_view, tgt_view = mix_noise(inp, s["alpha"]), mix_noise(tgt, s["alpha"])
+    stats = ctx.g.noise_stats(ctx.scfg.curriculum.noise)
+    in_view, tgt_view = mix_noise(inp, s["alpha"], stats=stats), mix_noise(tgt, s["alpha"], stats=stats)
     with ctx.autocast():
         out = ctx.g_train(in_view, tgt_view, ctx.scfg.mode, ctx.scfg.anti_cheat_noise)
         terms = generator_losses(out, inp, tgt, ctx.scfg, ctx.codec["codec"], s["kl_weight"])
@@ -376,7 +378,8 @@ def gan_step(ctx: Context, inp: torch.Tensor, tgt: torch.Tensor, epoch: int,
     frozen: reconstruction terms + adv_weight * adversarial + feature matching."""
     gan, s = ctx.scfg.gan, ctx.schedules(epoch)
     pretrain = epoch <= gan.d_pretrain_epochs
-    in_view, tgt_view = mix_noise(inp, s["alpha"]), mix_noise(tgt, s["alpha"])
+    stats = ctx.g.noise_stats(ctx.scfg.curriculum.noise)
+    in_view, tgt_view = mix_noise(inp, s["alpha"], stats=stats), mix_noise(tgt, s["alpha"], stats=stats)
     with ctx.autocast():
         if pretrain:  # G is not trained yet: no graph, and G's optimizer is never touched
             with torch.no_grad():
@@ -386,9 +389,14 @@ def gan_step(ctx: Context, inp: torch.Tensor, tgt: torch.Tensor, epoch: int,
     fake = out["output"]
     metrics: dict[str, float] = {}
     for _ in range(max(1, gan.d_steps)):
+        real = tgt.detach().requires_grad_(gan.r1_gamma > 0)
         with ctx.autocast():
-            (real_logits, _), (fake_logits, _) = ctx.d_train(tgt, fake.detach())
+            (real_logits, _), (fake_logits, _) = ctx.d_train(real, fake.detach())
             loss_d, stats = d_loss(real_logits, fake_logits, gan)
+            if gan.r1_gamma > 0:
+                stats["r1"] = r1_penalty(real_logits, real)
+                loss_d = loss_d + 0.5 * gan.r1_gamma * stats["r1"]
+                stats["r1"] = float(stats["r1"].detach())
         check_finite({"d_loss": float(loss_d.detach())}, "discriminator", ctx, epoch, batch)
         ctx.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
@@ -406,9 +414,18 @@ def gan_step(ctx: Context, inp: torch.Tensor, tgt: torch.Tensor, epoch: int,
             with torch.no_grad():
                 _, real_feats = ctx.d(tgt)
             terms["adv"] = g_adv_loss(fake_logits, gan)
-            terms["feature_matching"] = feature_matching(real_feats, fake_feats)
-            terms["g_loss"] = (terms["total"] + s["adv_weight"] * terms["adv"]
-                               + gan.feature_matching * terms["feature_matching"])
+            terms["feature_matching"] = feature_matching(real_feats, fake_feats,
+                                                         gan.feature_matching_mode)
+            moments = moment_matching(fake, tgt)
+            terms["moment_matching"] = moments.pop("total")
+            terms |= {f"moment_{k}": v.detach() for k, v in moments.items()}
+            # recon_fade: at alpha 1 the input says nothing about the target, and a paired
+            # loss is won by one average output; its weight follows 1 - alpha instead
+            fade = s["alpha"] if gan.recon_fade else 0.0
+            terms["g_loss"] = (terms["total"] - fade * paired_total(terms, ctx.scfg)
+                               + s["adv_weight"] * terms["adv"]
+                               + gan.feature_matching * terms["feature_matching"]
+                               + gan.moment_matching * terms["moment_matching"])
         values = floats(terms)
         check_finite(values, "generator", ctx, epoch, batch)
         ctx.opt_g.zero_grad(set_to_none=True)
@@ -428,10 +445,20 @@ def gan_step(ctx: Context, inp: torch.Tensor, tgt: torch.Tensor, epoch: int,
 
 @torch.no_grad()
 def validate(ctx: Context, loader: DataLoader, epoch: int) -> dict[str, float]:
-    """Mean val terms over ALL ranks' shards; "val_loss" has the KL fully annealed."""
+    """Mean val terms over ALL ranks' shards; "val_loss" has the KL fully annealed. Stage 3
+    adds val_diversity_ratio: the spread of G's outputs from pure noise (the curriculum's
+    view at alpha 1) over that of the real targets, over the whole val set (all ranks)."""
     ctx.g.eval()
     running = Running()
     s = ctx.schedules(epoch)
+    spread, noise, stats = None, None, None
+    if ctx.d is not None:   # [count, per-element sum, sum of squares] of fakes and reals
+        size = loader.dataset[0][1].numel()
+        spread = {k: [0.0, torch.zeros(size, dtype=torch.float64, device=ctx.info.device), 0.0]
+                  for k in ("fake", "real")}
+        noise = torch.Generator(device=ctx.info.device)   # own stream: training RNG untouched
+        noise.manual_seed(hash((ctx.cfg.run.seed, epoch, ctx.info.rank)))   # same in every process
+        stats = ctx.g.noise_stats(ctx.scfg.curriculum.noise)   # the curriculum's kind of noise
     for inp, tgt in loader:
         inp = inp.to(ctx.info.device, non_blocking=True)
         tgt = tgt.to(ctx.info.device, non_blocking=True)
@@ -444,31 +471,65 @@ def validate(ctx: Context, loader: DataLoader, epoch: int) -> dict[str, float]:
             values["loss_annealed"] = (values["loss"] - (1.0 - s["kl_weight"])
                                        * ctx.scfg.kl.beta * values["kl"])
         running.add(values, weight=len(inp))
+        if spread is not None:
+            with ctx.autocast():
+                fake = ctx.g(mix_noise(inp, 1.0, noise, stats), mix_noise(tgt, 1.0, noise, stats),
+                             ctx.scfg.mode)["output"]
+            for key, x in (("fake", fake), ("real", tgt)):
+                spread[key] = [a + b for a, b in zip(spread[key], spread_sums(x))]
     ctx.g.train()
-    return {f"val_{k}": v for k, v in running.means(ctx.info).items()}
+    metrics = {f"val_{k}": v for k, v in running.means(ctx.info).items()}
+    if spread is not None:
+        sums = distributed.all_reduce_sum(
+            [spread[k][i] for k in spread for i in (0, 2)]
+            + spread["fake"][1].tolist() + spread["real"][1].tolist(), ctx.info)
+        (n_fake, sq_fake, n_real, sq_real), vectors = sums[:4], torch.tensor(sums[4:])
+        total_fake, total_real = vectors.chunk(2)
+        if n_real >= 2:
+            real = rms_pairwise_distance(n_real, total_real, sq_real)
+            if real > 0:
+                metrics["val_diversity_ratio"] = (
+                    rms_pairwise_distance(n_fake, total_fake, sq_fake) / real)
+    return metrics
 
 
 @torch.no_grad()
-def baselines(ctx: Context, train_set: PairDataset, val_loader: DataLoader) -> dict[str, float]:
-    """Stage-1 yardsticks on the same val pairs and loss: output = the start chunk, and
-    output = the mean training latent (per channel, over time and pairs)."""
-    info = ctx.info
-    total = None
+def latent_stats(train_set: PairDataset, info: distributed.DistInfo,
+                 dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel statistics of the clean training targets over every rank's share, [dim]
+    each on the rank's device: the mean, the spread of the chunks' time-means across chunks
+    (how much songs differ) and the root mean variance over time within a chunk."""
+    sums = torch.zeros(3, dim, dtype=torch.float64)
     count = 0.0
     clean = PairDataset(train_set.store, train_set.pairs)   # never augmented
     for i in range(info.rank, len(clean), info.world_size):
         _, tgt = clean[i]
-        total = tgt.double().sum(dim=1) if total is None else total + tgt.double().sum(dim=1)
-        count += tgt.shape[1]
-    dim = ctx.cfg.model.transformer.latent_dim
-    sums = distributed.all_reduce_sum((total.tolist() if total is not None else [0.0] * dim)
-                                      + [count], info)
-    mean = torch.tensor(sums[:-1], dtype=torch.float32, device=info.device) / max(sums[-1], 1)
+        if not torch.isfinite(tgt).all():   # left out here; the loss stops training on it
+            continue
+        chunk_mean = tgt.double().mean(dim=1)
+        sums += torch.stack([chunk_mean, chunk_mean.pow(2), tgt.double().var(dim=1)])
+        count += 1
+    total = distributed.all_reduce_sum(sums.flatten().tolist() + [count], info)
+    n = max(total[-1], 1.0)
+    mean, mean_sq, var = (torch.tensor(total[k * dim:(k + 1) * dim], dtype=torch.float64) / n
+                          for k in range(3))
+    between = (mean_sq - mean.pow(2)).clamp(min=1e-12).sqrt()
+    return tuple(t.float().to(info.device) for t in (mean, between, var.clamp(min=1e-12).sqrt()))
+
+
+@torch.no_grad()
+def baselines(ctx: Context, train_set: PairDataset, val_loader: DataLoader) -> dict[str, float]:
+    """Stage-1 yardsticks on the same val pairs and loss: output = the start chunk; the mean
+    training latent (per channel, over time and pairs); and start_mean = the start chunk's
+    time-averaged spectrum (per channel) repeated over the target's frames."""
+    info = ctx.info
+    mean = ctx.g.latent_mean   # set from the training targets by latent_stats
     running = Running()
     for inp, tgt in val_loader:
         inp, tgt = inp.to(info.device), tgt.to(info.device)
         flat = mean.view(1, -1, 1).expand_as(tgt)
-        for name, output in (("repeat", inp), ("mean", flat)):
+        start_mean = inp.mean(dim=2, keepdim=True).expand_as(tgt)
+        for name, output in (("repeat", inp), ("mean", flat), ("start_mean", start_mean)):
             terms = generator_losses({"output": output}, inp, tgt, ctx.scfg, ctx.codec["codec"],
                                      1.0)
             running.add({f"val_baseline_{name}": float(terms["total"])}, weight=len(inp))
@@ -503,8 +564,8 @@ def append_metrics(path: Path, epoch: int, metrics: dict) -> None:
 
 def sample_hook(cfg: Config, run_dir: Path, stage: str, epoch: int, generator: nn.Module,
                 tracker: StepTracker) -> None:
-    """Log a few generated samples (jobs.generate.log_samples when present); never fatal,
-    and the training RNG is left as it was."""
+    """Log a few samples made as this stage trains (jobs.generate.log_samples: noise, or the
+    creative cascade on validation pairs); never fatal, the training RNG left as it was."""
     try:
         from jobs.generate import log_samples
     except ImportError as exc:
@@ -515,7 +576,7 @@ def sample_hook(cfg: Config, run_dir: Path, stage: str, epoch: int, generator: n
     try:
         device = next(generator.parameters()).device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            log_samples(cfg, run_dir, generator, epoch, tracker)
+            log_samples(cfg, run_dir, generator, epoch, tracker, stage=stage)
     except Exception as exc:  # a sample failing must not end a long training run
         print(f"[{stage}] samples at epoch {epoch} failed: {exc!r}", file=sys.stderr)
     finally:
@@ -563,6 +624,7 @@ def run_stage(cfg: Config, run_dir: Path, stage: str, info: distributed.DistInfo
         progress = resume(ctx, state)
     else:
         report = transfer_from_previous(ctx)
+        ctx.g.set_latent_stats(*latent_stats(train_set, info, cfg.model.transformer.latent_dim))
         progress = Progress()
         torch.manual_seed(cfg.run.seed + 1 + info.rank)  # per-rank noise (curriculum, dropout)
 
@@ -594,7 +656,11 @@ def run_stage(cfg: Config, run_dir: Path, stage: str, info: distributed.DistInfo
         except Preempted as exc:
             code, reason = EXIT_PREEMPTED, str(exc)
         if code == EXIT_OK:
-            result = evaluate_gate(scfg.gate, progress.val_history, base)
+            result = distributed.gather(evaluate_gate(   # rank 0's reading decides for all
+                scfg.gate, read_history(out_dir / "metrics.jsonl"), base,
+                free_bits=scfg.kl.free_bits if scfg.kl is not None else None,
+                d_pretrain_epochs=scfg.gan.d_pretrain_epochs if scfg.gan is not None else 0),
+                info)[0]
             if info.is_main:
                 atomic_write_json(out_dir / "gate.json", result)
                 tracker.log_metrics({"gate_passed": float(result["passed"])},
