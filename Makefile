@@ -25,7 +25,7 @@ RUN_OPTS = $(if $(EXP),--experiment $(EXP)) $(if $(RUN),--run $(RUN)) $(if $(DAT
            $(if $(CLUSTER),--cluster $(CLUSTER)) $(if $(GPUS),--gpus $(GPUS)) $(if $(NODES),--nodes $(NODES)) \
            $(foreach s,$(FORCE),--force $(s)) $(if $(DRY_RUN),--dry-run) $(OVERRIDES)
 
-.PHONY: help install lock test test-fast demo corpus prepare train-stage1 train-stage2 train-stage3 \
+.PHONY: help install lock test test-fast demo learn corpus prepare train-stage1 train-stage2 train-stage3 \
         pipeline status cancel resume audit generate evaluate bench mlflow-server mlflow-ui \
         fetch-weights slurm-up slurm-down clean
 
@@ -52,8 +52,11 @@ test: $(STAMP)  ## Run the whole test suite (SLURM tests need `make slurm-up`, d
 test-fast: $(STAMP)  ## Tests without the SLURM and slow ones
 	$(PY) -m pytest -m "not slurm and not slow" $(PYTEST_ARGS)
 
-demo: $(STAMP)  ## Whole pipeline on CPU on the generated corpus (local executor), then generate
-	$(PY) -m pipeline.run demo --experiment demo --cluster local $(if $(RUN),--run $(RUN)) $(OVERRIDES)
+demo: $(STAMP)  ## Whole pipeline on CPU on the generated corpus (local executor): EXP=demo|musigan|powermuse|aurl|musicvae
+	$(PY) -m pipeline.run demo --experiment $(or $(EXP),demo) --cluster local $(if $(RUN),--run $(RUN)) $(OVERRIDES)
+
+learn: $(STAMP)  ## Demo recipe on two corpora; writes docs/learning.md (SEEDS="1234 777")
+	$(PY) -m pipeline.learn $(if $(SEEDS),--seeds $(SEEDS)) $(if $(EXP),--experiment $(EXP)) $(if $(OVERRIDES),--overrides $(OVERRIDES))
 
 corpus: $(STAMP)  ## Write the seeded demo corpus of mp3 songs to DATA (default runs/demo_corpus)
 	$(PY) -m data_prep.corpus --out $(or $(DATA),runs/demo_corpus)

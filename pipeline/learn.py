@@ -1,0 +1,405 @@
+"""Learning check: the demo recipe on generated corpora of several seeds, against targets.
+
+`python -m pipeline.learn [--seeds 1234 777] [--experiment demo] [--overrides k=v ...]`
+runs `pipeline.run demo --cluster local` once per seed as run `learn_seed<k>` with
+`run.seed=<k>` (the seed picks the generated corpus in data_prep.corpus.ensure_corpus, and
+the training seeds), then writes docs/learning.md. The report is a measurement, not a
+test: the exit code is 0 whenever it was written, and the misses are printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Optional, Sequence
+
+from pipeline import dag
+from pipeline.atomic import atomic_write_text
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SEEDS = (1234, 777)
+STAGES = ("stage1", "stage2", "stage3")
+# Collapse-proof evaluation figures, shown when jobs/evaluate.py writes them (any metric
+# whose name contains one of these words); the first four are shown as n/a otherwise.
+EXTRA_WORDS = ("precision", "recall", "density", "coverage", "spread")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One learning target: a figure with bounds (numbers) or forbidden words (verdicts)."""
+    key: str
+    label: str
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    forbid: tuple[str, ...] = ()
+    percent: bool = False
+
+    def met(self, value: float | str | None) -> bool:
+        """True when the figure exists and is within the target (a missing figure misses)."""
+        if value is None:
+            return False
+        if isinstance(value, str):
+            return value not in self.forbid
+        return (math.isfinite(value) and (self.lo is None or value >= self.lo)
+                and (self.hi is None or value <= self.hi))
+
+    def text(self) -> str:
+        """The target as a reader sees it, e.g. '>= 20%' or '0.5 .. 1.5'."""
+        num = (lambda v: f"{v:.0%}") if self.percent else (lambda v: f"{v:g}")
+        if self.forbid:
+            return "not " + " / ".join(f'"{w}"' for w in self.forbid)
+        if self.lo is not None and self.hi is not None:
+            return f"{num(self.lo)} .. {num(self.hi)}"
+        return f">= {num(self.lo)}" if self.lo is not None else f"<= {num(self.hi)}"
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("stage1_margin", "stage-1 margin over the best trivial baseline", lo=0.20,
+           percent=True),
+    Target("diversity_ratio", "diversity ratio, generated / real", lo=0.5, hi=1.5),
+    Target("frechet_ratio", "Fréchet ratio, generated / train-vs-real", hi=2.0),
+    Target("flatness_ratio", "spectral flatness, generated / real", lo=0.5, hi=2.0),
+    Target("audit_verdict", "audit verdict", forbid=("trouble",)),
+)
+
+
+@dataclass
+class CorpusRun:
+    """One corpus's run folder and how its run went. `since` (epoch seconds) is when this
+    check started it: older files are left-overs of earlier runs and are not reported."""
+    name: str
+    run_dir: Path
+    since: Optional[float] = None
+    wall_s: Optional[float] = None
+    exit_code: Optional[int] = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Figures:
+    """What one run folder shows: target figures, the other numbers, and what failed."""
+    values: dict[str, float | str | None]
+    best_val: Optional[float] = None
+    baseline: Optional[tuple[str, float]] = None
+    flatness: Optional[tuple[float, float]] = None
+    extra: dict[str, float] = field(default_factory=dict)
+    gates: dict[str, Optional[tuple[bool, str]]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def misses(self) -> list[Target]:
+        """The targets this run did not meet (a missing figure is a miss)."""
+        return [t for t in TARGETS if not t.met(self.values.get(t.key))]
+
+
+# --- reading a run folder --------------------------------------------------------------
+
+def _steps(run_dir: Path) -> dict:
+    path = run_dir / "pipeline.json"
+    try:
+        return json.loads(path.read_text()).get("steps", {})
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _fresh(run: CorpusRun, step: str, path: Path, steps: dict) -> bool:
+    """True when `path` exists and belongs to this run: written since `run.since`, or its
+    step was skipped since then as complete under the current config and code."""
+    if not path.exists():
+        return False
+    if run.since is None or path.stat().st_mtime >= run.since:
+        return True
+    return (steps.get(step, {}).get("skipped_at") or 0) >= run.since
+
+
+def _json(run: CorpusRun, step: str, name: str, steps: dict) -> Optional[dict]:
+    path = run.run_dir / step / name
+    if not _fresh(run, step, path, steps):
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _num(value: object) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def best_val_loss(run: CorpusRun, steps: dict) -> Optional[float]:
+    """Stage 1's lowest finite val_loss in metrics.jsonl, else gate.json's "best"."""
+    path = run.run_dir / "stage1" / "metrics.jsonl"
+    losses = []
+    if _fresh(run, "stage1", path, steps):
+        for line in path.read_text().splitlines():
+            try:
+                value = _num(json.loads(line).get("val_loss")) if line.strip() else None
+            except json.JSONDecodeError:
+                value = None
+            if value is not None and math.isfinite(value):
+                losses.append(value)
+    if losses:
+        return min(losses)
+    gate = _json(run, "stage1", "gate.json", steps) or {}
+    best = _num(gate.get("best"))
+    return best if best is not None and math.isfinite(best) else None
+
+
+def audit_verdict(run: CorpusRun, steps: dict) -> Optional[str]:
+    """The audit's verdict word: a json in audit/ with a "verdict", else reading.txt."""
+    folder = run.run_dir / "audit"
+    for path in sorted(folder.glob("*.json")):
+        data = _json(run, "audit", path.name, steps)
+        if data and isinstance(data.get("verdict"), str):
+            return data["verdict"]
+    reading = folder / "reading.txt"
+    if _fresh(run, "audit", reading, steps):
+        found = re.search(r"^verdict:\s*(\S+)", reading.read_text(), re.MULTILINE)
+        if found:
+            return found.group(1)
+    return None
+
+
+def step_problems(run: CorpusRun, steps: dict) -> list[str]:
+    """One line per step of the demo target that failed, or did not run, in this run."""
+    if not steps:
+        return ["no pipeline.json: the pipeline did not start"]
+    out, missing = [], []
+    for name in dag.plan("demo"):
+        entry = steps.get(name, {})
+        submitted, skipped = entry.get("submitted_at") or 0, entry.get("skipped_at") or 0
+        if not entry or (run.since is not None and max(submitted, skipped) < run.since):
+            missing.append(name)
+        elif submitted >= skipped and entry.get("state") != "COMPLETED":
+            why = entry.get("reason") or "no reason recorded"
+            out.append(f"{name} {entry.get('state')}: {why}")
+    if missing:
+        out.append(f"not run: {', '.join(missing)}")
+    return out
+
+
+def measure(run: CorpusRun) -> Figures:
+    """Every figure of the report for one run folder (missing or stale files give None)."""
+    steps = _steps(run.run_dir)
+    fig = Figures(values={t.key: None for t in TARGETS})
+    fig.best_val = best_val_loss(run, steps)
+    bases = {k[len("val_baseline_"):]: v for k, v in
+             (_json(run, "stage1", "baselines.json", steps) or {}).items()
+             if k.startswith("val_baseline_") and _num(v) is not None and math.isfinite(v)}
+    if bases:
+        fig.baseline = min(bases.items(), key=lambda kv: kv[1])
+        if fig.best_val is not None and fig.baseline[1] > 0:
+            fig.values["stage1_margin"] = 1.0 - fig.best_val / fig.baseline[1]
+    metrics = (_json(run, "evaluate", "metrics.json", steps) or {}).get("metrics") or {}
+    for key in ("diversity_ratio", "frechet_ratio"):
+        fig.values[key] = _num(metrics.get(key))
+    gen, real = _num(metrics.get("flatness_generated")), _num(metrics.get("flatness_real"))
+    if gen is not None and real is not None:
+        fig.flatness = (gen, real)
+        fig.values["flatness_ratio"] = gen / real if real > 0 else None
+    fig.extra = {k: float(v) for k, v in metrics.items()
+                 if any(w in k for w in EXTRA_WORDS) and _num(v) is not None}
+    fig.values["audit_verdict"] = audit_verdict(run, steps)
+    for stage in STAGES:
+        gate = _json(run, stage, "gate.json", steps)
+        fig.gates[stage] = (None if gate is None or "passed" not in gate
+                            else (bool(gate["passed"]), str(gate.get("reason", ""))))
+    fig.problems = step_problems(run, steps)
+    return fig
+
+
+# --- the markdown ----------------------------------------------------------------------
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _fmt(value: float | str | None, percent: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, str):
+        return value
+    return f"{value:.1%}" if percent else f"{value:.3g}"
+
+
+def _shown(path: Path) -> str:
+    """A run folder as the report shows it: relative to the working directory when inside."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def miss_lines(run: CorpusRun, fig: Figures) -> list[str]:
+    """One line per target the run missed, with its figure and the target."""
+    return [f"{run.name}: {t.label} = {_fmt(fig.values.get(t.key), t.percent)} "
+            f"(target {t.text()})" for t in fig.misses()]
+
+
+def build_report(runs: Sequence[CorpusRun], command: str, date: str, commit: str) -> str:
+    """The learning report (markdown) for the run folders: one table, a column per corpus."""
+    figs = [measure(r) for r in runs]
+    extra = sorted({k for f in figs for k in f.extra}) or ["precision", "recall", "density",
+                                                           "coverage"]
+    head = "| measurement | target | " + " | ".join(f"{_cell(r.name)} | met" for r in runs) + " |"
+    lines = ["# Learning check", "",
+             f"Produced by `{command}` on {date} at commit {commit}. Each corpus is one run of "
+             "`pipeline.run demo` (local executor) with the command's experiment, on a corpus "
+             "generated by `data_prep/corpus.py` with that run's seed. Figures from stage 3 are "
+             "the pure-noise generator's (`runs/<run>/evaluate/metrics.json`). A figure that is "
+             "missing, or left from an earlier run, is n/a and misses its target.", "",
+             head, "|" + "---|" * (2 + 2 * len(runs))]
+
+    def row(label: str, target: str, cells: list[tuple[str, str]]) -> None:
+        lines.append(f"| {_cell(label)} | {_cell(target)} | "
+                     + " | ".join(f"{_cell(v)} | {m}" for v, m in cells) + " |")
+
+    row("run folder", "", [(f"`{_shown(r.run_dir)}`", "") for r in runs])
+    row("stage-1 best val loss", "", [(_fmt(f.best_val), "") for f in figs])
+    row("best trivial baseline", "", [(f"{_fmt(f.baseline[1])} ({f.baseline[0]})"
+                                       if f.baseline else "n/a", "") for f in figs])
+    for t in TARGETS:
+        cells = []
+        for f in figs:
+            value = _fmt(f.values.get(t.key), t.percent)
+            if t.key == "flatness_ratio" and f.flatness and f.values[t.key] is not None:
+                value += f" ({f.flatness[0]:.3g} / {f.flatness[1]:.3g})"
+            cells.append((value, "PASS" if t.met(f.values.get(t.key)) else "**MISS**"))
+        row(t.label, t.text(), cells)
+    for key in extra:
+        row(key, "", [(_fmt(f.extra.get(key)), "") for f in figs])
+    for stage in STAGES:
+        row(f"{stage} gate", "", [("n/a" if f.gates.get(stage) is None else
+                                   f"{'passed' if f.gates[stage][0] else 'FAILED'}: "
+                                   f"{f.gates[stage][1]}", "") for f in figs])
+    row("wall time", "", [(f"{r.wall_s:.0f} s" if r.wall_s is not None else "n/a", "")
+                          for r in runs])
+    row("what failed", "", [("; ".join(r.notes + f.problems) or "nothing", "")
+                            for r, f in zip(runs, figs)])
+    met = sum(t.met(f.values.get(t.key)) for f in figs for t in TARGETS)
+    lines += ["", f"Targets met: {met} of {len(TARGETS) * len(runs)}."]
+    misses = [line for r, f in zip(runs, figs) for line in miss_lines(r, f)]
+    lines += (["", "Missed:", ""] + [f"- {_cell(m)}" for m in misses]) if misses else []
+    lines.append("")
+    return "\n".join(lines)
+
+
+# --- running the corpora ---------------------------------------------------------------
+
+def git_commit() -> str:
+    """Short HEAD commit, with '+ uncommitted changes' when tracked files differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, text=True, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"`{head}`" + (" + uncommitted changes" if dirty.strip() else "")
+
+
+def _run_logged(cmd: list[str], log: Path) -> int:
+    """Run `cmd` (same working directory, so run.root means the same), appending its
+    output to `log`; returns its exit code."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as fh:
+        fh.write(f"\n$ {' '.join(cmd)}\n")
+        fh.flush()
+        return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+
+
+def run_corpus(name: str, run_dir: Path, seed: int, experiment: str,
+               overrides: Sequence[str]) -> CorpusRun:
+    """Run the demo target for one seed, then, when stage 3 trained but its gate stopped
+    the chain, the audit and evaluation directly on stage3/last.pt (labelled as such)."""
+    log = run_dir / "learn.log"
+    began = time.time()
+    cmd = [sys.executable, "-m", "pipeline.run", "demo", "--experiment", experiment,
+           "--cluster", "local", "--run", name, f"run.seed={seed}", *overrides]
+    run = CorpusRun(name, run_dir, since=began)
+    run.exit_code = _run_logged(cmd, log)
+    if run.exit_code != 0:
+        run.notes.append(f"pipeline exit code {run.exit_code} (log: {log})")
+        gate = _json(run, "stage3", "gate.json", _steps(run_dir))
+        trained = (run_dir / "stage3" / "last.pt").exists()
+        if gate is not None and gate.get("passed") is False and trained:
+            for step in ("audit", "evaluate"):
+                out = run_dir / step / ("reading.txt" if step == "audit" else "metrics.json")
+                if not _fresh(run, step, out, {}):
+                    code = _run_logged([sys.executable, "-m", f"jobs.{step}", "--run",
+                                        str(run_dir)], log)
+                    run.notes.append(f"{step} run directly on stage3/last.pt after the "
+                                     f"stage-3 gate failed (exit code {code})")
+    run.wall_s = time.time() - began
+    return run
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipeline.learn",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
+                   help="one corpus (and run learn_seed<k>) per seed")
+    p.add_argument("--experiment", default="demo", help="configs/experiments/<name>.yaml or a path")
+    p.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every corpus run")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "learning.md")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from pipeline import config as config_mod
+    from pipeline.config import ConfigError
+    from pipeline.run import run_dir_of
+
+    args = parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        print(f"error: --seeds must differ, got {args.seeds}", file=sys.stderr)
+        return 2
+    prefix = "learn" if args.experiment == "demo" else f"learn_{Path(args.experiment).stem}"
+    plans = []
+    for seed in args.seeds:   # check every config before minutes of training
+        name = f"{prefix}_seed{seed}"
+        try:
+            cfg = config_mod.load(args.experiment, "local",
+                                  [f"run.name={name}", f"run.seed={seed}", *args.overrides])
+        except (ConfigError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if cfg.data.source:
+            print(f"error: data.source is set ({cfg.data.source}); the learning check runs on "
+                  "generated corpora, so leave it empty", file=sys.stderr)
+            return 2
+        plans.append((seed, name, run_dir_of(cfg)))
+    runs = []
+    for i, (seed, name, run_dir) in enumerate(plans, start=1):
+        print(f"[learn] corpus {i}/{len(plans)} (seed {seed}): {args.experiment} recipe -> "
+              f"{run_dir}", flush=True)
+        run = run_corpus(name, run_dir, seed, args.experiment, args.overrides)
+        status = "ok" if run.exit_code == 0 else f"FAILED (exit {run.exit_code})"
+        print(f"[learn] corpus {i}/{len(plans)} (seed {seed}): {status} in {run.wall_s:.0f} s",
+              flush=True)
+        runs.append(run)
+    command = "python -m pipeline.learn " + " ".join(
+        [f"--seeds {' '.join(map(str, args.seeds))}", f"--experiment {args.experiment}"]
+        + ([f"--overrides {' '.join(args.overrides)}"] if args.overrides else []))
+    text = build_report(runs, command, datetime.now().isoformat(timespec="seconds"), git_commit())
+    atomic_write_text(args.out, text)
+    for run in runs:
+        fig = measure(run)
+        for line in miss_lines(run, fig):
+            print(f"[learn] MISS {line}")
+        for problem in run.notes + fig.problems:
+            print(f"[learn] {run.name}: {problem}")
+    print(f"[learn] wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
