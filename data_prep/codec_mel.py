@@ -7,6 +7,8 @@ samples, so encode and decode lengths agree.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torchaudio
 
@@ -59,8 +61,13 @@ class MelCodec:
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """[B, 128, T] log-mel -> [B, 1, T * hop] audio at the data rate (Griffin-Lim)."""
-        mel = torch.exp(latents.to(self.device, torch.float32))
+        """[B, 128, T] log-mel -> [B, 1, T * hop] audio at the data rate (Griffin-Lim).
+
+        Values below log(log_floor) are read as the floor: encode never produces them, and
+        a generator's deeper "silence" would otherwise decode to a quieter noise floor than
+        any real recording has."""
+        floor = math.log(self.log_floor)
+        mel = torch.exp(latents.to(self.device, torch.float32).clamp_min(floor))
         power = self._inverse(mel)
         # a centred STFT of T * hop samples has T + 1 frames: repeat the last one
         power = torch.cat([power, power[..., -1:]], dim=-1)

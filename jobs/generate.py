@@ -283,7 +283,8 @@ def make_fakes(generator: torch.nn.Module, cfg: Config, run_dir: Path, stage: st
             gen = torch.Generator().manual_seed(seed)
             in_view = mix_noise(inputs, alpha, gen, stats)
             tgt_view = mix_noise(targets, alpha, gen, stats)
-            out = model(in_view.to(device), tgt_view.to(device), mode)
+            # in the noise regime (alpha > 0) draw the VAE latents, as training did
+            out = model(in_view.to(device), tgt_view.to(device), mode, sample=alpha > 0)
     finally:
         model.train(was_training)
     latents = out["output"].float().cpu()

@@ -92,37 +92,39 @@ class Generator(nn.Module):
         """True when some parameters get no gradient in `mode` (DDP needs to know)."""
         return mode == "continuation" and self.agent is not None
 
-    def network(self, x: Tensor) -> dict[str, Tensor]:
+    def network(self, x: Tensor, sample: bool = False) -> dict[str, Tensor]:
         """One pass through core (+ VAE bottleneck): {"output"} (+ {"kl"}).
 
         The output is the core's prediction PLUS the per-channel time mean of `x`: the
         network predicts the deviation from the chunk's average level (spectrum), so it
         starts from "keep the input's average level" instead of spending its first epochs
         learning offsets (log-mel latents sit around -5). The skip has no parameters.
-        Under the pure-GAN curriculum the zero-mean noise shrinks this skip, so the core
-        itself learns to supply the level as alpha grows.
+        Under the pure-GAN curriculum the skip carries the noise's level: the seed's
+        zero-mean noise shrinks it to 0, the "data" noise keeps the data's level and each
+        sample's song-level spectrum. `sample` draws the VAE latents even in eval mode.
         """
         h = self.core.encode(x)
         out: dict[str, Tensor] = {}
         if self.vae is not None:
-            bottleneck = self.vae(h)
+            bottleneck = self.vae(h, sample)
             h, out["kl"] = bottleneck["hidden"], bottleneck["kl"]
         out["output"] = self.core.decode(h) + x.mean(dim=-1, keepdim=True)
         return out
 
     def forward(self, inputs: Tensor, targets: Tensor | None, mode: str,
-                anti_cheat_noise: float = 0.0) -> dict[str, Tensor]:
+                anti_cheat_noise: float = 0.0, sample: bool = False) -> dict[str, Tensor]:
         """Run one mode; returns "output" [B, 128, T], creative "mask_in"/"mask_tgt", VAE "kl".
 
         continuation: output predicts the target chunk from `inputs` alone (targets unused).
         creative: the cascade; `anti_cheat_noise` (StageConfig.anti_cheat_noise, std relative
         to each sample's target std) is added to the target view of cascade stages k > 0
-        while training, so later stages cannot simply copy the target.
+        while training, so later stages cannot simply copy the target. `sample` draws the
+        VAE latents in eval mode too (generation from noise, as stage 3 trained).
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "continuation":
-            return self.network(inputs)
+            return self.network(inputs, sample)
         if self.agent is None:
             raise ValueError("creative mode needs the creative modules, which are built only "
                              "when a stage of the config has mode: creative")
@@ -144,7 +146,7 @@ class Generator(nn.Module):
                     tgt_view = seen_tgt + anti_cheat_noise * std * torch.randn_like(seen_tgt)
                 view = torch.cat([seen_in, previous, tgt_view], dim=1)
             fused = fuse(view.transpose(1, 2)).transpose(1, 2)
-            step = self.network(fused)
+            step = self.network(fused, sample)
             previous = restore_rms(step["output"], inputs)
             if "kl" in step:
                 kls.append(step["kl"])
@@ -156,10 +158,12 @@ class Generator(nn.Module):
     @torch.no_grad()
     def generate(self, noise: Tensor) -> Tensor:
         """Noise [B, 128, T] -> latents [B, 128, T]: continuation mode after the pure-GAN
-        curriculum. Call model.eval() first for deterministic VAE means and no dropout.
+        curriculum. Call model.eval() first (no dropout). The VAE latents are drawn, not
+        taken at their means: stage 3 trained the generator on drawn latents, and from
+        noise the means alone carry next to no movement in time (one spectrum per sample).
         A creative generator makes music from (input, target) pairs instead: forward(...,
         "creative"); jobs.generate.make_fakes picks the path a checkpoint was trained on."""
-        return self.network(noise)["output"]
+        return self.network(noise, sample=True)["output"]
 
 
 def build_generator(cfg: Config, parts: list[str]) -> Generator:

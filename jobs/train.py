@@ -444,6 +444,18 @@ def gan_step(ctx: Context, inp: torch.Tensor, tgt: torch.Tensor, epoch: int,
 # ---------------------------------------------------------------------------------------
 
 @torch.no_grad()
+def noise_fakes(ctx: Context, inp: torch.Tensor, tgt: torch.Tensor, noise: torch.Generator,
+                stats: Optional[tuple]) -> torch.Tensor:
+    """G's outputs from the curriculum's view at alpha 1 with drawn VAE latents, as
+    generation makes them; the VAE's draws come from `noise` too (training RNG untouched)."""
+    devices = [ctx.info.device] if ctx.info.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=noise, device=noise.device)))
+        return ctx.g(mix_noise(inp, 1.0, noise, stats), mix_noise(tgt, 1.0, noise, stats),
+                     ctx.scfg.mode, sample=True)["output"]
+
+
+@torch.no_grad()
 def validate(ctx: Context, loader: DataLoader, epoch: int) -> dict[str, float]:
     """Mean val terms over ALL ranks' shards; "val_loss" has the KL fully annealed. Stage 3
     adds val_diversity_ratio: the spread of G's outputs from pure noise (the curriculum's
@@ -473,8 +485,7 @@ def validate(ctx: Context, loader: DataLoader, epoch: int) -> dict[str, float]:
         running.add(values, weight=len(inp))
         if spread is not None:
             with ctx.autocast():
-                fake = ctx.g(mix_noise(inp, 1.0, noise, stats), mix_noise(tgt, 1.0, noise, stats),
-                             ctx.scfg.mode)["output"]
+                fake = noise_fakes(ctx, inp, tgt, noise, stats)
             for key, x in (("fake", fake), ("real", tgt)):
                 spread[key] = [a + b for a, b in zip(spread[key], spread_sums(x))]
     ctx.g.train()

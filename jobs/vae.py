@@ -3,8 +3,8 @@
 Placement: between `LatentTransformer.encode` and `.decode` (after the encoder layers,
 before the output projection). Level i average-pools the hidden frames [B, T, d_model]
 in time by `downsample[i]`, maps each pooled frame to (mu, logvar) with `latent_channels`
-each, samples z by reparameterisation (training) or takes mu (eval, so validation and
-generation are deterministic given the input), maps z back to d_model and repeats it up to
+each, samples z by reparameterisation (training, or `sample=True`: generation from noise,
+as stage 3 trained it) or takes mu (eval, so validation is deterministic given the input), maps z back to d_model and repeats it up to
 T frames. The decoded levels are summed: this sum REPLACES the hidden frames, so all
 information reaching the output projection passes through the latents (a true bottleneck,
 coarse levels carry slow structure, the finest level detail).
@@ -34,13 +34,13 @@ class VaeLevel(nn.Module):
         self.to_stats = nn.Linear(d_model, 2 * latent_channels)
         self.from_z = nn.Linear(latent_channels, d_model)
 
-    def forward(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, h: Tensor, sample: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """h [B, T, d_model] -> (decoded [B, T, d_model], mu, logvar [B, T', C])."""
         frames = h.shape[1]
         coarse = math.ceil(frames / self.factor)
         pooled = F.adaptive_avg_pool1d(h.transpose(1, 2), coarse).transpose(1, 2)
         mu, logvar = self.to_stats(pooled).chunk(2, dim=-1)
-        if self.training:
+        if self.training or sample:
             z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         else:
             z = mu
@@ -61,7 +61,7 @@ class HierarchicalVae(nn.Module):
         self.levels = nn.ModuleList(VaeLevel(d_model, cfg.latent_channels, int(f))
                                     for f in cfg.downsample)
 
-    def forward(self, h: Tensor) -> dict[str, Tensor]:
+    def forward(self, h: Tensor, sample: bool = False) -> dict[str, Tensor]:
         """h [B, T, d_model] -> {"hidden": [B, T, d_model], "kl": [levels]}.
 
         kl[i] is level i's KL averaged over batch, latent frames and latent channels,
@@ -70,7 +70,7 @@ class HierarchicalVae(nn.Module):
         hidden = torch.zeros_like(h)
         kls = []
         for level in self.levels:
-            decoded, mu, logvar = level(h)
+            decoded, mu, logvar = level(h, sample)
             hidden = hidden + decoded
             kls.append(gaussian_kl(mu, logvar).mean())
         return {"hidden": hidden, "kl": torch.stack(kls)}

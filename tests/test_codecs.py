@@ -43,6 +43,16 @@ def test_mel_shapes_and_round_trip(tmp_path, sr, hop):
     assert codec.describe()["kind"] == "latents"
 
 
+def test_mel_decode_reads_values_below_the_floor_as_the_floor(tmp_path):
+    cfg = make_cfg(tmp_path, "encode.codec=mel")
+    codec = load_codec(cfg.encode, 24000, "cpu")
+    z = codec.encode(tone(440.0, 24000, 1.0))
+    floor = math.log(cfg.encode.mel.log_floor)
+    deeper = torch.where(z <= floor + 1e-6, torch.full_like(z, floor - 20.0), z)
+    assert (deeper < floor).any()          # a generator's "silence" below any real one
+    assert torch.allclose(codec.decode(deeper), codec.decode(z))
+
+
 def test_mel_frames_floor_partial_hop(tmp_path):
     cfg = make_cfg(tmp_path, "encode.codec=mel")
     codec = load_codec(cfg.encode, 24000, "cpu")

@@ -11,7 +11,7 @@ import pytest
 from tests.chunk_outputs import write_chunks
 from tests.conftest import make_cfg
 from data_prep import pairs
-from pipeline.config import write_resolved
+from pipeline.config import ConfigError, write_resolved
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -186,11 +186,10 @@ def test_target_same_pairs_every_chunk_with_itself(tmp_path, uri):
     (("pairs.target=later",), r"pairs.target.*'later'.*next.*same"),
 ])
 def test_target_settings_that_mean_nothing_are_refused(tmp_path, uri, overrides, message):
-    cfg, run_dir = _run(tmp_path, uri, *overrides)
-    write_chunks(run_dir, _songs(4), 24000, 0.1)
-    with pytest.raises(pairs.PairsError, match=message):
-        pairs.run(cfg, run_dir)
-    assert not (run_dir / "pairs/train.jsonl").exists()
+    # refused when the config is loaded, before anything is submitted or written
+    with pytest.raises(ConfigError, match=message):
+        _run(tmp_path, uri, *overrides)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_target_is_part_of_the_pairs_signature(tmp_path):

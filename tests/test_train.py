@@ -276,14 +276,14 @@ class _Constant(torch.nn.Module):
     def noise_stats(self, kind):
         return None
 
-    def forward(self, inputs, targets, mode, *args):
+    def forward(self, inputs, targets, mode, *args, **kwargs):
         return {"output": torch.full_like(inputs, 0.5)}
 
 
 class _Echo(_Constant):
     """Returns what it is given."""
 
-    def forward(self, inputs, targets, mode, *args):
+    def forward(self, inputs, targets, mode, *args, **kwargs):
         return {"output": inputs.clone()}
 
 
