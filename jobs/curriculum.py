@@ -27,12 +27,13 @@ def mix_noise(x: Tensor, alpha: float, generator: torch.Generator | None = None,
     against clean x.
 
     Without `stats` the noise is the seed's: Gaussian, zero mean, each sample's own std over
-    dims 1, 2. With `stats` = per-channel (mean, song_std, frame_std) of the training latents
-    [C] each, it is shaped like the data at both time scales:
-    mean + song_std * g + frame_std * e, with g drawn once per sample and channel and e per
-    frame. Zero-mean noise throws away the data's level (log-mel latents sit around -5,
-    which Adam needs thousands of steps to relearn), and frame-wise noise alone averages out
-    over a chunk, so every sample would share one song-level spectrum.
+    dims 1, 2. With `stats` = (mean [C], song_sqrt [C, C], frame_sqrt [C, C]) of the
+    training latents it is shaped like the data at both time scales:
+    mean + song_sqrt @ g + frame_sqrt @ e, with g drawn once per sample and e per frame, so
+    it has the data's level, how songs differ and how a song moves, bins moving together
+    as they do in music. Zero-mean noise throws away the data's level (log-mel latents sit
+    around -5, which Adam needs thousands of steps to relearn), and frame-wise noise alone
+    averages out over a chunk, so every sample would share one song-level spectrum.
     """
     if alpha == 0:
         return x
@@ -40,10 +41,10 @@ def mix_noise(x: Tensor, alpha: float, generator: torch.Generator | None = None,
     if stats is None:
         noise = frames * x.std(dim=(1, 2), keepdim=True)
     else:
-        mean, song_std, frame_std = (s.to(x.device, x.dtype).view(1, -1, 1) for s in stats)
+        mean, song_sqrt, frame_sqrt = (s.to(x.device, x.dtype) for s in stats)
         song = torch.randn(x.shape[:2] + (1,), generator=generator, dtype=x.dtype,
                            device=x.device)
-        noise = mean + song_std * song + frame_std * frames
+        noise = mean.view(1, -1, 1) + song_sqrt @ song + frame_sqrt @ frames
     return (1.0 - alpha) * x + alpha * noise
 
 

@@ -237,12 +237,27 @@ def compare(generated: torch.Tensor, real: torch.Tensor, reference: torch.Tensor
     return out
 
 
+NOISE_KEYS = ("frechet_ratio", "diversity_ratio", "flatness_ratio", "precision_generated_vs_real",
+              "recall_generated_vs_real", "density_generated_vs_real", "coverage_generated_vs_real")
+
+
+def noise_reference(noise: torch.Tensor, real: torch.Tensor, reference: torch.Tensor,
+                    noise_audio: torch.Tensor, real_audio: torch.Tensor,
+                    fft_size: int) -> dict:
+    """The headline figures of the generator's input noise itself (`<key>_noise`): what a
+    generator that passed its data-shaped noise through unchanged would score, so the
+    generator is read by what it adds to its prior."""
+    figures = compare(noise, real, reference, noise_audio, real_audio, fft_size)
+    return {f"{key.replace('_generated_vs_real', '')}_noise": figures[key] for key in NOISE_KEYS}
+
+
 def run(cfg: Config, run_dir: Path) -> dict:
     """Evaluate the configured checkpoint against held-out real data; write metrics.json.
     Its fakes are made as its stage trained it (jobs.generate.make_fakes): noise for a
     continuation generator, the cascade on validation pairs for a creative one."""
-    from jobs.generate import (checkpoint_origin, default_checkpoint, load_generator,
-                               make_fakes, model_config, read_manifest, run_codec)
+    from jobs.generate import (checkpoint_origin, data_noise, default_checkpoint,
+                               load_generator, make_fakes, model_config, read_manifest,
+                               run_codec)
     from pipeline.atomic import atomic_write_json
     from pipeline.tracking import step_run
 
@@ -258,8 +273,15 @@ def run(cfg: Config, run_dir: Path) -> dict:
                        ev.seed, cfg.generate.temperature)
     generated = fakes.latents
     codec = run_codec(cfg, manifest)
-    metrics = compare(generated, real, reference, codec.decode(generated), codec.decode(real),
+    real_audio = codec.decode(real)
+    metrics = compare(generated, real, reference, codec.decode(generated), real_audio,
                       ev.fft_size)
+    model_cfg = model_config(state, path)
+    stats = generator.noise_stats(getattr(model_cfg, stage).curriculum.noise)
+    if fakes.source == "noise" and stats is not None:
+        noise = data_noise(stats, ev.n, manifest["frames"], cfg.generate.temperature, ev.seed)
+        metrics |= noise_reference(noise, real, reference, codec.decode(noise), real_audio,
+                                   ev.fft_size)
     result = {"checkpoint": str(path), "epoch": state.get("epoch"), "codec": manifest["codec"],
               "pretrained": manifest.get("pretrained"), "n_generated": len(generated),
               "n_real": len(real), "seed": ev.seed, "mode": fakes.mode, "alpha": fakes.alpha,

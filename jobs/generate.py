@@ -173,10 +173,10 @@ def data_noise(stats: tuple[torch.Tensor, ...], n: int, frames: int, temperature
     with both spreads scaled by the temperature, from a private seeded generator."""
     from jobs.curriculum import mix_noise
 
-    mean, song_std, frame_std = (s.detach().float().cpu() for s in stats)
+    mean, song_sqrt, frame_sqrt = (s.detach().float().cpu() for s in stats)
     gen = torch.Generator().manual_seed(seed)
     zeros = torch.zeros(n, len(mean), frames)
-    return mix_noise(zeros, 1.0, gen, (mean, temperature * song_std, temperature * frame_std))
+    return mix_noise(zeros, 1.0, gen, (mean, temperature * song_sqrt, temperature * frame_sqrt))
 
 
 def pick_pairs(run_dir: Path, n: int, seed: int, split: str = "val") -> list[dict]:

@@ -71,22 +71,22 @@ class Generator(nn.Module):
         # and saved with the weights: the shape of the curriculum's "data" noise, for
         # training and generation alike (jobs.curriculum.mix_noise). Zero / one until set.
         self.register_buffer("latent_mean", torch.zeros(tr.latent_dim))
-        self.register_buffer("latent_song_std", torch.ones(tr.latent_dim))
-        self.register_buffer("latent_frame_std", torch.ones(tr.latent_dim))
+        self.register_buffer("latent_song_sqrt", torch.eye(tr.latent_dim))
+        self.register_buffer("latent_frame_sqrt", torch.eye(tr.latent_dim))
 
-    def set_latent_stats(self, mean: Tensor, song_std: Tensor, frame_std: Tensor) -> None:
-        """Store the training latents' per-channel mean, spread across chunks and spread
-        over time within a chunk (jobs.train.latent_stats)."""
+    def set_latent_stats(self, mean: Tensor, song_sqrt: Tensor, frame_sqrt: Tensor) -> None:
+        """Store the training latents' mean [C] and the square roots [C, C] of their
+        covariance across chunks and within a chunk (jobs.train.latent_stats)."""
         self.latent_mean.copy_(mean)
-        self.latent_song_std.copy_(song_std)
-        self.latent_frame_std.copy_(frame_std)
+        self.latent_song_sqrt.copy_(song_sqrt)
+        self.latent_frame_sqrt.copy_(frame_sqrt)
 
     def noise_stats(self, kind: str) -> tuple[Tensor, Tensor, Tensor] | None:
-        """(mean, song std, frame std) for the curriculum's "data" noise, or None for the
+        """(mean, song sqrt, frame sqrt) for the curriculum's "data" noise, or None for the
         seed's per-sample noise ("sample_std"); see jobs.curriculum.mix_noise."""
         if kind != "data":
             return None
-        return self.latent_mean, self.latent_song_std, self.latent_frame_std
+        return self.latent_mean, self.latent_song_sqrt, self.latent_frame_sqrt
 
     def idle_parameters(self, mode: str) -> bool:
         """True when some parameters get no gradient in `mode` (DDP needs to know)."""

@@ -106,6 +106,11 @@ def test_evaluate_step_writes_metrics_and_logs_them(tmp_path):
     assert m["frechet_ratio"] == pytest.approx(m["frechet_generated_vs_real"]
                                                / m["frechet_train_vs_real"])
     assert 0 < m["flatness_real"] < 1 and 0 < m["flatness_generated"] < 1
+    # the generator's own input noise is scored too, as the prior it is read against
+    assert cfg.stage3.curriculum.noise == "data"
+    assert {"frechet_ratio_noise", "diversity_ratio_noise", "recall_noise",
+            "coverage_noise", "flatness_ratio_noise"} <= set(m)
+    assert m["frechet_ratio_noise"] != m["frechet_ratio"]
     assert result["metrics"] == m
     client = mlflow.MlflowClient(tracking_uri(cfg))
     run_id = json.loads((run_dir / "evaluate" / "mlflow_run.json").read_text())["run_id"]

@@ -61,12 +61,16 @@ def test_r1_penalty_is_the_squared_input_gradient():
 
 def test_data_noise_keeps_the_level_and_varies_between_samples():
     n, c, t = 64, 8, 200
-    mean, song, frame = torch.full((c,), -5.0), torch.full((c,), 2.0), torch.full((c,), 0.5)
+    mean, song, frame = torch.full((c,), -5.0), 2.0 * torch.eye(c), 0.5 * torch.eye(c)
+    song[0, 1] = song[1, 0] = 1.0                              # bins 0 and 1 move together
     x = torch.zeros(n, c, t)
     noise = mix_noise(x, 1.0, torch.Generator().manual_seed(0), (mean, song, frame))
     assert abs(noise.mean().item() + 5.0) < 0.3                # the data's level
-    assert abs(noise.mean(dim=-1).std(dim=0).mean().item() - 2.0) < 0.3   # songs differ
+    assert abs(noise[:, 2:].mean(dim=-1).std(dim=0).mean().item() - 2.0) < 0.3   # songs differ
     assert abs(noise.std(dim=-1).mean().item() - 0.5) < 0.05   # and move within a chunk
+    song_means = noise.mean(dim=-1)
+    assert torch.corrcoef(song_means[:, :3].T)[0, 1] > 0.6     # with the data's correlations
+    assert abs(torch.corrcoef(song_means[:, :3].T)[0, 2]) < 0.4
     seed = mix_noise(x + 1.0, 1.0, torch.Generator().manual_seed(0))
     assert abs(seed.mean().item()) < 0.05                      # the seed's noise has no level
     assert mix_noise(x, 0.0, stats=(mean, song, frame)) is x
@@ -76,7 +80,7 @@ def test_generator_saves_its_noise_statistics():
     cfg = config.load("demo")
     g = build_generator(cfg, ["transformer", "vae"])
     assert g.noise_stats("sample_std") is None
-    stats = (torch.full((128,), -4.0), torch.full((128,), 1.5), torch.full((128,), 0.7))
+    stats = (torch.full((128,), -4.0), 1.5 * torch.eye(128), 0.7 * torch.eye(128))
     g.set_latent_stats(*stats)
     again = build_generator(cfg, ["transformer", "vae"])
     again.load_state_dict(g.state_dict())
@@ -98,3 +102,10 @@ def test_generation_draws_the_vae_latents_validation_does_not():
         means = [g(noise, None, "continuation")["output"] for _ in range(2)]
     assert not torch.equal(a, b) and torch.equal(a, again)   # drawn, and seeded
     assert torch.equal(means[0], means[1])                    # eval forward: the means
+
+
+def test_latent_stats_are_the_two_covariances_of_the_training_chunks():
+    from jobs.train import psd_sqrt
+    a = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
+    root = psd_sqrt(a)
+    assert torch.allclose(root @ root, a, atol=1e-5) and torch.allclose(root, root.T)
