@@ -207,6 +207,13 @@ def real_latents(run_dir: Path, split: str, n: int, seed: int) -> torch.Tensor:
         store.get(pairs[i]["target_song"], pairs[i]["target"]), np.float32)) for i in picks])
 
 
+def frame_step(x: np.ndarray | torch.Tensor) -> float:
+    """RMS change between consecutive frames of latents [B, D, T]: how much (and how
+    smoothly) the music moves, which the per-frame figures cannot see (they ignore order)."""
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x.detach().cpu())
+    return float(t.to(torch.float64).diff(dim=-1).pow(2).mean().sqrt())
+
+
 def compare(generated: torch.Tensor, real: torch.Tensor, reference: torch.Tensor,
             gen_audio: torch.Tensor, real_audio: torch.Tensor, fft_size: int) -> dict:
     """All evaluation numbers for generated latents/audio against real held-out ones.
@@ -230,6 +237,7 @@ def compare(generated: torch.Tensor, real: torch.Tensor, reference: torch.Tensor
         "flatness_ratio": flat_gen / flat_real if flat_real > 0 else float("inf"),
         "rms_db_generated": rms_db(gen_audio),
         "rms_db_real": rms_db(real_audio),
+        "step_ratio": frame_step(generated) / max(frame_step(real), TINY),
     }
     for name, which in (("generated_vs_real", generated), ("train_vs_real", reference)):
         for key, value in chunk_manifold_metrics(which, real).items():
@@ -237,7 +245,8 @@ def compare(generated: torch.Tensor, real: torch.Tensor, reference: torch.Tensor
     return out
 
 
-NOISE_KEYS = ("frechet_ratio", "diversity_ratio", "flatness_ratio", "precision_generated_vs_real",
+NOISE_KEYS = ("frechet_ratio", "diversity_ratio", "flatness_ratio", "step_ratio",
+              "precision_generated_vs_real",
               "recall_generated_vs_real", "density_generated_vs_real", "coverage_generated_vs_real")
 
 

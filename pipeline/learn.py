@@ -28,7 +28,7 @@ DEFAULT_SEEDS = (1234, 777)
 STAGES = ("stage1", "stage2", "stage3")
 # Collapse-proof evaluation figures, shown when jobs/evaluate.py writes them (any metric
 # whose name contains one of these words); the first four are shown as n/a otherwise.
-EXTRA_WORDS = ("precision", "recall", "density", "coverage", "spread", "_noise")
+EXTRA_WORDS = ("precision", "recall", "density", "coverage", "spread", "step_ratio", "_noise")
 
 
 @dataclass(frozen=True)

@@ -193,3 +193,12 @@ def test_rms_pairwise_distance_from_sums_matches_the_pairs_and_merges_across_par
     assert ev.rms_pairwise_distance(*same) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="at least 2"):
         ev.rms_pairwise_distance(*ev.spread_sums(x[:1]))
+
+
+def test_step_ratio_sees_order_that_frame_figures_cannot():
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.randn(4, 8, 200, generator=g).cumsum(dim=-1) * 0.1
+    shuffled = smooth[..., torch.randperm(200, generator=g)]   # same frames, order lost
+    assert ev.frechet_distance(ev.frames_of(shuffled), ev.frames_of(smooth)) < 1e-6
+    assert ev.frame_step(shuffled) > 5 * ev.frame_step(smooth)
+    assert ev.frame_step(smooth[..., :1].expand_as(smooth)) == 0.0
