@@ -9,6 +9,8 @@ Keys every reader may rely on: "generator", "discriminator" (or None), "config",
 from __future__ import annotations
 
 import random
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +52,25 @@ def save(path: Path | str, state: dict) -> None:
     atomic_torch_save(path, state)
 
 
+def verify(path: Path) -> None:
+    """Check every member of the checkpoint's zip against its stored CRC-32 (torch.load does
+    not): a damaged file is refused by name instead of loading weights like 4.5e33."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+        raise ValueError(f"checkpoint {path} is damaged: {exc}") from exc
+    if bad is not None:
+        raise ValueError(f"checkpoint {path} is damaged: member {bad} fails its CRC check")
+
+
 def load(path: Path | str) -> dict:
-    """Read a checkpoint onto the CPU with weights_only=True; a clear error if it is unreadable."""
+    """Read a checkpoint onto the CPU with weights_only=True, after verify(); a clear error
+    if it is damaged or unreadable."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    verify(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: say which one

@@ -332,7 +332,8 @@ def check_finite(terms: dict[str, float], what: str, ctx: Context, epoch: int,
 
 
 def clip(model: nn.Module, max_norm: float) -> tuple[float, float]:
-    """Clip gradients (grad_clip 0 = off); the norms before and after."""
+    """Clip gradients (grad_clip 0 = off); the norms before and after. The caller stops on
+    a non-finite norm: clipping would turn it into a zero (or NaN) update in silence."""
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return 0.0, 0.0
@@ -361,6 +362,7 @@ def generator_step(ctx: Context, inp: torch.Tensor, tgt: torch.Tensor, epoch: in
     ctx.opt_g.zero_grad(set_to_none=True)
     terms["total"].backward()
     before, after = clip(ctx.g, ctx.scfg.grad_clip)
+    check_finite({"grad_norm_g": before}, "generator gradient", ctx, epoch, batch)
     ctx.opt_g.step()
     ctx.sched_g.step()
     return {f"train_{k}": v for k, v in values.items()} | {
@@ -401,6 +403,7 @@ def gan_step(ctx: Context, inp: torch.Tensor, tgt: torch.Tensor, epoch: int,
         ctx.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         before, after = clip(ctx.d, ctx.scfg.grad_clip)
+        check_finite({"grad_norm_d": before}, "discriminator gradient", ctx, epoch, batch)
         ctx.opt_d.step()
     metrics.update({"train_d_loss": float(loss_d.detach()), "grad_norm_d_before": before,
                     "grad_norm_d_after": after, **{f"train_{k}": v for k, v in stats.items()}})
@@ -431,6 +434,7 @@ def gan_step(ctx: Context, inp: torch.Tensor, tgt: torch.Tensor, epoch: int,
         ctx.opt_g.zero_grad(set_to_none=True)
         terms["g_loss"].backward()
         before, after = clip(ctx.g, ctx.scfg.grad_clip)
+        check_finite({"grad_norm_g": before}, "generator gradient", ctx, epoch, batch)
         ctx.opt_g.step()
         ctx.sched_g.step()
     finally:

@@ -51,6 +51,22 @@ def test_save_is_atomic_and_load_is_weights_only(tmp_path):
         checkpoint.load(tmp_path / "missing.pt")
 
 
+def test_random_bytes_in_the_middle_of_a_checkpoint_are_refused(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save(path, {"w": torch.zeros(4096), "epoch": 3})
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 100] = np.random.default_rng(0).integers(0, 256, 100, np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    try:                                      # what a plain torch.load makes of it
+        unchecked = torch.load(path, weights_only=True)["w"]
+        assert not torch.equal(unchecked, torch.zeros(4096))
+    except Exception:
+        pass
+    with pytest.raises(ValueError, match="last.pt is damaged.*CRC"):
+        checkpoint.load(path)
+
+
 def test_a_failed_save_leaves_the_previous_checkpoint_whole(tmp_path):
     path = tmp_path / "last.pt"
     checkpoint.save(path, {"epoch": 1})

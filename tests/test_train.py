@@ -162,6 +162,26 @@ def test_non_finite_loss_saves_error_checkpoint_and_exits_4(tmp_path, store, cap
     assert read_json(run_dir / "stage1" / "exit.json")["exit_code"] == 4
 
 
+def test_non_finite_gradient_norm_stops_training_like_a_non_finite_loss(tmp_path, store, capsys,
+                                                                      monkeypatch):
+    """A finite loss with an infinite gradient (e.g. from a damaged weight) must not be
+    clipped into zero updates for a whole stage that then passes its gate."""
+    run_dir = make_run(tmp_path, f"mlflow.tracking_uri={store}")
+    build = train.build_context
+
+    def with_infinite_gradient(*args, **kwargs):
+        ctx = build(*args, **kwargs)
+        weight = ctx.g.core.out_proj.weight
+        weight.register_hook(lambda grad: grad * float("inf"))
+        return ctx
+    monkeypatch.setattr(train, "build_context", with_infinite_gradient)
+    assert run_stage(run_dir, "stage1") == train.EXIT_NONFINITE
+    err = capsys.readouterr().err
+    assert "non-finite loss in stage1 at epoch 1, batch 1" in err
+    assert "generator gradient term 'grad_norm_g' = inf" in err
+    assert read_json(run_dir / "stage1" / "exit.json")["exit_code"] == 4
+
+
 def test_missing_inputs_exit_2_with_the_path(tmp_path, store, capsys):
     run_dir = make_run(tmp_path, f"mlflow.tracking_uri={store}")
     (run_dir / "pairs" / "val.jsonl").unlink()
