@@ -131,7 +131,7 @@ def test_missing_and_mismatched_checkpoints_are_named_and_skipped(fresh, tmp_pat
     assert [r["d_epoch"] for r in result["rows"]] == [1, 6]
     skipped = "\n".join(result["skipped"])
     assert "epoch_2.pt: missing" in skipped
-    assert "epoch_3.pt: cannot read checkpoint" in skipped
+    assert "epoch_3.pt: checkpoint" in skipped and "epoch_3.pt is damaged" in skipped
     assert "epoch_4.pt: holds no discriminator" in skipped
     assert "epoch_5.pt: weights do not fit" in skipped
     reading = (run_dir / "audit" / "reading.txt").read_text()

@@ -14,9 +14,11 @@ from tests import train_fixtures as tf
 
 @pytest.mark.slow  # a training subprocess plus a fresh MLflow store: about 40 s here
 def test_telemetry_and_system_metrics_in_the_run_of_a_tiny_training(tmp_path):
-    run_dir = tf.make_run(tmp_path, "mlflow.system_metrics=true")
+    # 12 epochs: long enough (a few seconds) for the system-metrics monitor to publish;
+    # a one-second stage ended before its first publish on an idle machine
+    run_dir = tf.make_run(tmp_path, "mlflow.system_metrics=true", "stage1.epochs=12")
     env = tf.env()
-    env["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "0.1"  # the stage lasts about a second
+    env["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "0.1"
     env["MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING"] = "1"
     done = subprocess.run(tf.train_cmd(run_dir, "stage1"), cwd=tf.REPO, env=env,
                           capture_output=True, text=True, timeout=240)
