@@ -89,7 +89,7 @@ FEATURE_MATCHING = ("paired", "batch")
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and std of a [B, C, T] map over batch and time: two [C] vectors."""
     flat = x.float().transpose(0, 1).reshape(x.shape[1], -1)
-    return flat.mean(dim=1), flat.std(dim=1)
+    return flat.mean(dim=1), flat.std(dim=1, correction=0)
 
 
 def feature_matching(real_feats: list[list[Tensor]], fake_feats: list[list[Tensor]],
@@ -115,6 +115,12 @@ def feature_matching(real_feats: list[list[Tensor]], fake_feats: list[list[Tenso
     return torch.stack(terms).mean()
 
 
+def spread(x: Tensor) -> Tensor:
+    """Std over the batch (dim 0) without Bessel's correction: 0, not NaN, for a batch of
+    one sample (a global batch split over many ranks)."""
+    return x.std(dim=0, correction=0)
+
+
 def frame_covariance(x: Tensor) -> Tensor:
     """Covariance [C, C] of the frames of x [B, C, T] (every frame a sample)."""
     frames = x.transpose(1, 2).reshape(-1, x.shape[1])
@@ -131,7 +137,8 @@ def moment_matching(fake: Tensor, real: Tensor) -> dict[str, Tensor]:
     `delta` (std of frame-to-frame steps: how smoothly it moves), and `cov` (the frames'
     channel covariance: which bins rise together). One average output loses on between and
     within, white noise on delta and cov; "total" is their sum. Like any batch statistic
-    it compares distributions, so unlike a paired loss it cannot be won by collapse.
+    it compares distributions, so unlike a paired loss it cannot be won by collapse. Each
+    rank compares its own share of the batch: keep a few samples per rank.
     """
     fake, real = fake.float(), real.detach().float()
     (f_mean, f_std), (r_mean, r_std) = batch_stats(fake), batch_stats(real)
@@ -139,7 +146,7 @@ def moment_matching(fake: Tensor, real: Tensor) -> dict[str, Tensor]:
     terms = {
         "mean": (f_mean - r_mean).abs().mean(),
         "std": (f_std - r_std).abs().mean(),
-        "between": (fake.mean(dim=-1).std(dim=0) - real.mean(dim=-1).std(dim=0)).abs().mean(),
+        "between": (spread(fake.mean(dim=-1)) - spread(real.mean(dim=-1))).abs().mean(),
         "within": (fake.std(dim=-1).mean(dim=0) - real.std(dim=-1).mean(dim=0)).abs().mean(),
         "delta": (batch_stats(step_f)[1] - batch_stats(step_r)[1]).abs().mean(),
         "cov": (frame_covariance(fake) - frame_covariance(real)).abs().mean(),

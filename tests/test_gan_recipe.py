@@ -109,3 +109,12 @@ def test_latent_stats_are_the_two_covariances_of_the_training_chunks():
     a = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
     root = psd_sqrt(a)
     assert torch.allclose(root @ root, a, atol=1e-5) and torch.allclose(root, root.T)
+
+
+def test_batch_statistics_stay_finite_for_one_sample_per_rank():
+    real, fake = music_like(1, 0), music_like(1, 1).requires_grad_(True)
+    terms = moment_matching(fake, real)
+    assert all(torch.isfinite(v) for v in terms.values())
+    terms["total"].backward()
+    assert torch.isfinite(fake.grad).all()
+    assert torch.isfinite(feature_matching([[real]], [[fake]], "batch"))
