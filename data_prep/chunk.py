@@ -80,7 +80,10 @@ def list_sources(source: Path) -> list[Path]:
     source = Path(source)
     if not source.is_dir():
         raise FileNotFoundError(f"music folder does not exist: {source}")
-    files = [p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTS]
+    # a dangling symlink is not a file, but it looks like input: it is listed, and gets a
+    # manifest line with its reason instead of vanishing without a word
+    files = [p for p in source.rglob("*") if p.suffix.lower() in AUDIO_EXTS
+             and (p.is_file() or (p.is_symlink() and not p.exists()))]
     return sorted(files, key=lambda p: p.relative_to(source).as_posix())
 
 
@@ -209,6 +212,9 @@ def process_file(job: tuple) -> tuple[dict, bool]:
     rec = {"source": str(path), "song_id": "", "sha256": "", "duration_s": 0.0,
            "sample_rate": 0, "channels": 0, "chunks": 0, "positions": [], "array": "",
            "status": "failed", "reason": "", "config_hash": spec.config_hash}
+    if path.is_symlink() and not path.exists():
+        rec.update(status="skipped", reason=f"dangling symlink to {os.readlink(path)}")
+        return rec, False
     try:
         rec["sha256"] = sha = file_sha256(path)
     except OSError as exc:
@@ -409,8 +415,9 @@ def run_shard(cfg: Config, run_dir: Path, shard: int = 0, num_shards: int = 1,
     write_resolved(cfg, out_dir)
     spec = ChunkSpec.from_cfg(cfg)
     previous = previous_records(run_dir)
-    jobs = [(p.resolve(), p.relative_to(source).as_posix(), spec, songs_dir,
-             previous.get(str(p.resolve()))) for p in files]
+    where = [p.resolve() if p.exists() else p.absolute() for p in files]  # dangling: itself
+    jobs = [(w, p.relative_to(source).as_posix(), spec, songs_dir, previous.get(str(w)))
+            for p, w in zip(files, where)]
     tag = f"{shard}-of-{num_shards}"
     manifest = out_dir / f"manifest-{tag}.jsonl"
     journal = out_dir / f"manifest-{tag}.jsonl.partial"

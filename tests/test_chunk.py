@@ -92,6 +92,17 @@ def test_bad_files_are_reported_and_the_rest_is_written(tmp_path, music, shared_
     assert summarize(run_dir_of(cfg))["failed"] == 1
 
 
+def test_a_dangling_symlink_gets_a_manifest_line_with_its_reason(tmp_path, music,
+                                                                 shared_mlflow_uri):
+    (music / "gone.mp3").symlink_to(tmp_path / "deleted" / "song.mp3")
+    cfg = cfg_for(tmp_path, shared_mlflow_uri)
+    summary = run_shard(cfg, run_dir_of(cfg), source=music)
+    recs = by_name(collect_manifest(run_dir_of(cfg)))
+    assert recs["gone.mp3"]["status"] == "skipped"
+    assert recs["gone.mp3"]["reason"] == f"dangling symlink to {tmp_path / 'deleted' / 'song.mp3'}"
+    assert summary["ok"] == 4 and summary["skipped"] == 4     # the rest goes on as before
+
+
 def test_tail_silence_cap_and_int16(tmp_path, shared_mlflow_uri):
     src = tmp_path / "src"
     src.mkdir()
