@@ -15,6 +15,7 @@ array run at once, so they cannot share one run); `summarize` gives the totals.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -206,6 +207,28 @@ def reusable(prev: Optional[dict], sha: str, spec: ChunkSpec, songs_dir: Path) -
     return prev.get("status") == "skipped"  # failures are retried
 
 
+# Errors of the machine, not of the file: a full disk or quota, an I/O error, a read-only
+# or lost mount. They fail the shard (and a rerun redoes the file) instead of being
+# recorded as a bad file while the step passes with less data.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS,
+                                errno.ESTALE, errno.ENOTCONN, errno.ENODEV})
+
+
+class EnvironmentFault(RuntimeError):
+    """An OSError of the machine (ENVIRONMENT_ERRNOS) met while chunking a file."""
+
+
+def environment_fault(exc: BaseException, path: Path) -> Optional[EnvironmentFault]:
+    """An EnvironmentFault naming `path` if `exc` (or its cause) is a machine error."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
+            return EnvironmentFault(f"{path}: {exc.strerror or exc} (errno {exc.errno}); "
+                                    "this is the machine, not the file: free space or fix "
+                                    "the mount, then rerun")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def process_file(job: tuple) -> tuple[dict, bool]:
     """Chunk one source file; returns (manifest record, reused). Never raises for bad audio."""
     path, relpath, spec, songs_dir, prev = job
@@ -218,6 +241,9 @@ def process_file(job: tuple) -> tuple[dict, bool]:
     try:
         rec["sha256"] = sha = file_sha256(path)
     except OSError as exc:
+        fault = environment_fault(exc, path)
+        if fault is not None:
+            raise fault from exc
         rec["reason"] = f"unreadable: {exc}"
         return rec, False
     if reusable(prev, sha, spec, songs_dir):
@@ -239,10 +265,15 @@ def process_file(job: tuple) -> tuple[dict, bool]:
         rec.update(array=f"songs/{out.name}", status="ok")
     except NoChunks as exc:
         rec.update(status="skipped", reason=str(exc))
-    except AudioError as exc:
-        rec.update(status=exc.status, reason=str(exc))
     except Exception as exc:  # one broken file must not stop the shard; it is recorded
-        rec.update(status="failed", reason=f"error: {type(exc).__name__}: {exc}")
+        fault = environment_fault(exc, path)
+        if fault is not None:
+            out.unlink(missing_ok=True)
+            raise fault from exc
+        if isinstance(exc, AudioError):
+            rec.update(status=exc.status, reason=str(exc))
+        else:
+            rec.update(status="failed", reason=f"error: {type(exc).__name__}: {exc}")
     if rec["status"] != "ok":
         out.unlink(missing_ok=True)  # an array from older settings must not look current
     return rec, False
@@ -442,7 +473,22 @@ def run_shard(cfg: Config, run_dir: Path, shard: int = 0, num_shards: int = 1,
         tracker.log_metrics({k: summary[k] for k in ("files", "ok", "skipped", "failed",
                                                      "chunks", "audio_hours", "reused", "seconds")})
         tracker.log_artifact(summary_path)
+        check_failed_share(summary, cfg.data.max_failed_share, manifest)
     return summary
+
+
+class TooManyFailures(RuntimeError):
+    """More of a shard's files failed than data.max_failed_share allows."""
+
+
+def check_failed_share(summary: dict, max_share: float, manifest: Path) -> None:
+    """Fail the shard when the failed share of its files is implausibly high for a music
+    folder (a sick machine, a wrong folder): the records are kept, a rerun retries them."""
+    files = summary["ok"] + summary["skipped"] + summary["failed"]
+    if files and summary["failed"] / files > max_share:
+        raise TooManyFailures(
+            f"{summary['failed']} of {files} files failed ({summary['reasons']}), more than "
+            f"data.max_failed_share = {max_share:g}; see {manifest}. Rerunning retries them")
 
 
 def main(argv: list[str] | None = None) -> int:

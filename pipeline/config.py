@@ -75,7 +75,7 @@ NON_NEGATIVE = {
     "stage*.curriculum.rate", "stage*.curriculum.start_epoch", "cluster.max_requeues",
     "stage*.gan.moment_matching", "stage*.gan.r1_gamma",
 }
-FRACTIONS = {"pairs.val_fraction", "stage*.augment_prob", "stage*.curriculum.cap",
+FRACTIONS = {"pairs.val_fraction", "data.max_failed_share", "stage*.augment_prob", "stage*.curriculum.cap",
              "stage*.gan.label_smoothing"}
 
 

@@ -33,6 +33,7 @@ class DataConfig:
     block_seconds: float      # decode block size (never the whole file in memory)
     num_shards: int           # chunk job-array width
     workers: int              # processes per shard on a local run
+    max_failed_share: float   # a shard with a larger share of failed files fails
 
 
 @dataclass

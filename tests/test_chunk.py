@@ -16,6 +16,7 @@ import soundfile as sf
 
 from data_prep.chunk import (ChunkSpec, collect_manifest, list_sources, pool_results,
                              run_shard, shard_files, summarize)
+from data_prep import chunk
 from pipeline.config import write_resolved
 from tests.conftest import make_cfg
 
@@ -311,3 +312,50 @@ def test_a_record_without_positions_is_chunked_again(tmp_path, shared_mlflow_uri
     again = run_shard(cfg, run_dir, source=src)
     assert again["reused"] == 0
     assert collect_manifest(run_dir)[0]["positions"] == [0, 1]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 3 MiB file system (tmpfs), so a full disk is a real ENOSPC; needs root."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a small tmpfs needs root: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_fails_the_shard_and_a_rerun_redoes_the_files(small_disk, tmp_path,
+                                                                   demo_corpus, shared_mlflow_uri):
+    music_ok = tmp_path / "only_music"
+    music_ok.mkdir()
+    for song in sorted(demo_corpus.rglob("*.mp3"))[:5]:
+        shutil.copy(song, music_ok / song.name)
+    cfg = make_cfg(small_disk, f"mlflow.tracking_uri={shared_mlflow_uri}",
+                   "data.chunk_seconds=2.0", "data.workers=2")
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (2 * 1024 * 1024))       # leaves room for a song or two
+    with pytest.raises(chunk.EnvironmentFault, match=r"errno 28.*the machine, not the file"):
+        run_shard(cfg, run_dir_of(cfg), source=music_ok)
+    out = run_dir_of(cfg) / "chunk"
+    assert not (out / "manifest-0-of-1.jsonl").exists()   # nothing claims to be complete
+    filler.unlink()                                        # space freed: the same command
+    summary = run_shard(cfg, run_dir_of(cfg), source=music_ok)
+    files = len(list(music_ok.iterdir()))
+    assert summary["ok"] == files and summary["failed"] == 0, summary["problems"]
+
+
+def test_a_shard_with_an_implausible_share_of_failures_fails(tmp_path, shared_mlflow_uri):
+    folder = tmp_path / "mostly_broken"
+    folder.mkdir()
+    sf.write(folder / "good.wav", tone(5.0), 24000)
+    for i in range(3):
+        (folder / f"bad{i}.mp3").write_bytes(b"ID3" + bytes(range(256)) * 40)
+    cfg = cfg_for(tmp_path, shared_mlflow_uri)
+    with pytest.raises(chunk.TooManyFailures, match=r"3 of 4 files failed.*max_failed_share"):
+        run_shard(cfg, run_dir_of(cfg), source=folder)
+    assert len(collect_manifest(run_dir_of(cfg))) == 4      # the records are kept
+    relaxed = cfg_for(tmp_path, shared_mlflow_uri, "data.max_failed_share=1.0")
+    assert run_shard(relaxed, run_dir_of(relaxed), source=folder)["failed"] == 3
