@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline import dag, state
+from pipeline.driver_lock import RunBusy, driver_lock
 from pipeline.executor import make_executor
 from pipeline.launch import load_run_config
 from pipeline.run import live_jobs, log, submit_steps
@@ -80,8 +81,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         run_dir, step = find_step(args.job, args.run)
-        jobs = resume(run_dir, step)
-    except ResumeError as exc:
+        with driver_lock(run_dir):
+            jobs = resume(run_dir, step)
+    except (ResumeError, RunBusy) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     failed = [s for s in jobs if state.load(run_dir)["steps"][s].get("state") == "FAILED"]

@@ -25,6 +25,7 @@ import yaml
 from pipeline import config as config_mod
 from pipeline import dag, state, tracking
 from pipeline.config import ConfigError
+from pipeline.driver_lock import RunBusy, driver_lock
 from pipeline.executor import (LIVE_STATES, Executor, Submission, make_executor, prestart,
                                resolve_cluster)
 from pipeline.schema import Config
@@ -261,6 +262,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     params = {"target": args.target, "experiment": args.experiment or "", "cluster": cluster,
               "gpus": args.gpus, "nodes": args.nodes, "force": ",".join(args.force),
               "overrides": " ".join(args.overrides)}
+    try:
+        with driver_lock(run_dir):
+            return drive(cfg, run_dir, executor, steps, args, params, cluster)
+    except RunBusy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def drive(cfg: Config, run_dir: Path, executor: Executor, steps: list[str],
+          args: argparse.Namespace, params: dict, cluster: str) -> int:
+    """Prepare the run, submit (or run) its steps and report; the caller holds the lock."""
     began = time.monotonic()
     try:
         prepare_run(cfg, run_dir, executor, steps, args.target, params)
