@@ -73,7 +73,7 @@ NON_NEGATIVE = {
     "data.min_seconds", "data.max_chunks_per_song", "pairs.gap", "encode.augment.variants",
     "stage*.weight_decay", "stage*.grad_clip", "stage*.augment_prob",
     "stage*.curriculum.rate", "stage*.curriculum.start_epoch", "cluster.max_requeues",
-    "stage*.gan.moment_matching", "stage*.gan.r1_gamma",
+    "stage*.gan.moment_matching", "stage*.gan.r1_gamma", "mlflow.busy_patience_s",
 }
 FRACTIONS = {"pairs.val_fraction", "data.max_failed_share", "stage*.augment_prob", "stage*.curriculum.cap",
              "stage*.gan.label_smoothing"}

@@ -239,6 +239,7 @@ class MlflowConfig:
     tracking_uri: str         # "" = sqlite file in the run root
     experiment: str
     system_metrics: bool
+    busy_patience_s: float    # how long logging waits out a busy ("database is locked") store
 
 
 @dataclass

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -88,56 +90,131 @@ def end_parent_run(cfg: Config, run_id: str, ok: bool) -> None:
     mlflow.MlflowClient().set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
 
-class StepTracker:
-    """Logs for one step; every method is a no-op when disabled (rank != 0)."""
+ERRORS_FILE = "tracking_errors.jsonl"
+BUSY = ("database is locked", "database table is locked")
 
-    def __init__(self, mlflow_module: Any = None, new_run: Optional[Callable[[], str]] = None):
+
+def is_busy(exc: BaseException) -> bool:
+    """A busy store (another process holds a sqlite write lock), not a real error."""
+    return any(text in str(exc) for text in BUSY)
+
+
+def patiently(call: Callable[[], Any], patience_s: float) -> Any:
+    """call(), retried with growing pauses while the store is busy, for up to patience_s."""
+    deadline, pause = time.monotonic() + patience_s, 0.2
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            if not is_busy(exc) or time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
+
+
+class StepTracker:
+    """Logs for one step; every method is a no-op when disabled (rank != 0).
+
+    A busy store is waited on for `patience_s`; a call that still fails is written to
+    `errors` (one JSON line: what, error) and reported, and the step goes on: its work is
+    done, and a metric that could not be written must not turn it into a failure."""
+
+    def __init__(self, mlflow_module: Any = None, new_run: Optional[Callable[[], str]] = None,
+                 patience_s: float = 0.0, errors: Optional[Path] = None):
         self._mlflow = mlflow_module
         self._new_run = new_run
+        self._patience = patience_s
+        self._errors = errors
         self.run_id: Optional[str] = None
 
     @property
     def enabled(self) -> bool:
         return self._mlflow is not None
 
+    def _call(self, what: str, call: Callable[[], Any]) -> None:
+        try:
+            patiently(call, self._patience)
+        except Exception as exc:
+            if self._errors is None:
+                raise
+            line = json.dumps({"what": what, "error": f"{type(exc).__name__}: {exc}"[:2000],
+                               "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+            with open(self._errors, "a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+            print(f"[tracking] {what} not logged ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:200]}); recorded in {self._errors}",
+                  file=sys.stderr)
+
     def log_params(self, params: dict) -> None:
         """Log params; if a reopened run holds other values (params are write-once in
         MLflow, e.g. another checkpoint evaluated), continue in a new child run."""
         if self.enabled:
-            flat = _flat_params(params)
-            logged = self._mlflow.get_run(self.run_id).data.params
-            if self._new_run and any(logged.get(k, v) != v for k, v in flat.items()):
-                self.run_id = self._new_run()
-            items = list(flat.items())
-            for i in range(0, len(items), 100):
-                self._mlflow.log_params(dict(items[i:i + 100]))
+            self._call("params", lambda: self._log_params(_flat_params(params)))
+
+    def _log_params(self, flat: dict) -> None:
+        logged = self._mlflow.get_run(self.run_id).data.params
+        if self._new_run and any(logged.get(k, v) != v for k, v in flat.items()):
+            self.run_id = self._new_run()
+        items = list(flat.items())
+        for i in range(0, len(items), 100):
+            self._mlflow.log_params(dict(items[i:i + 100]))
 
     def log_metrics(self, metrics: dict, step: Optional[int] = None) -> None:
         if self.enabled:
             clean = {k: float(v) for k, v in metrics.items() if v is not None}
-            self._mlflow.log_metrics(clean, step=step)
+            self._call(f"metrics at step {step}",
+                       lambda: self._mlflow.log_metrics(clean, step=step))
 
     def log_artifact(self, path: Path | str, artifact_path: Optional[str] = None) -> None:
         if self.enabled and Path(path).exists():
-            self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+            self._call(f"artifact {path}", lambda: self._mlflow.log_artifact(
+                str(path), artifact_path=artifact_path))
 
     def set_tags(self, tags: dict) -> None:
         if self.enabled:
-            self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+            self._call("tags", lambda: self._mlflow.set_tags({k: str(v) for k, v in tags.items()}))
 
 
 @contextlib.contextmanager
 def step_run(cfg: Config, run_dir: Path, step: str, rank: int = 0,
              system_metrics: Optional[bool] = None) -> Iterator[StepTracker]:
-    """Open (or reopen, on resume) the child run of `step`; yields a StepTracker."""
+    """Open (or reopen, on resume) the child run of `step`; yields a StepTracker.
+
+    A busy store is waited on for mlflow.busy_patience_s at every call; if the run cannot
+    be opened even then, the step runs untracked and says so (tracking_errors.jsonl)."""
     if rank != 0:
         yield StepTracker(None)
         return
-    mlflow, exp_id = _setup(cfg)
-    parent = ensure_parent_run(cfg, run_dir)
     step_dir = Path(run_dir) / step
     step_dir.mkdir(parents=True, exist_ok=True)
-    child_file = step_dir / CHILD_FILE
+    patience, errors = cfg.mlflow.busy_patience_s, step_dir / ERRORS_FILE
+    try:
+        mlflow, tracker, new_run = patiently(lambda: _open_step(cfg, run_dir, step,
+                                                                system_metrics), patience)
+    except Exception as exc:
+        if not is_busy(exc):
+            raise
+        StepTracker(None, errors=errors)._call("the step's run", lambda: _raise(exc))
+        yield StepTracker(None)
+        return
+    tracker._patience, tracker._errors = patience, errors
+    status = "FAILED"
+    try:
+        yield tracker
+        status = "FINISHED"
+    finally:
+        tracker._call(f"end of the run ({status})", lambda: mlflow.end_run(status=status))
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+def _open_step(cfg: Config, run_dir: Path, step: str, system_metrics: Optional[bool]):
+    """(mlflow, its StepTracker, new_run) with the step's child run started."""
+    mlflow, exp_id = _setup(cfg)
+    parent = ensure_parent_run(cfg, run_dir)
+    child_file = Path(run_dir) / step / CHILD_FILE
     config_key = section_hash(cfg)
     previous = None
     if child_file.exists():
@@ -162,9 +239,4 @@ def step_run(cfg: Config, run_dir: Path, step: str, rank: int = 0,
 
     tracker = StepTracker(mlflow, new_run)
     tracker.run_id = start(previous)
-    status = "FAILED"
-    try:
-        yield tracker
-        status = "FINISHED"
-    finally:
-        mlflow.end_run(status=status)
+    return mlflow, tracker, new_run

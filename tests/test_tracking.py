@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 
@@ -65,3 +68,50 @@ def test_reopened_run_with_other_params_continues_in_a_new_child(tmp_path):
     assert client.get_run(second).data.tags["mlflow.parentRunId"] == \
         client.get_run(first).data.tags["mlflow.parentRunId"]
     assert json.loads((run_dir / "evaluate" / tracking.CHILD_FILE).read_text())["run_id"] == second
+
+
+def hold_write_lock(db: Path, seconds: float) -> subprocess.Popen:
+    """Another process holding a write transaction on the sqlite store for `seconds`."""
+    code = ("import sqlite3, sys, time\n"
+            "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True)\n"
+            "time.sleep(float(sys.argv[2])); c.execute('COMMIT')\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(db), str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_busy_store_is_waited_on_and_nothing_is_lost(tmp_path):
+    cfg = make_cfg(tmp_path, "mlflow.busy_patience_s=60")
+    run_dir = tmp_path / "runs" / "t"
+    with tracking.step_run(cfg, run_dir, "pairs") as tr:
+        tr.log_metrics({"pairs_train": 1}, step=0)
+        # longer than the 20 s MLflow's own sqlite busy_timeout waits: the retry is needed
+        holder = hold_write_lock(tmp_path / "runs" / "mlflow.db", 24.0)
+        tr.log_metrics({"pairs_train": 2}, step=1)
+        holder.wait(30)
+        run_id = tr.run_id
+    client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
+    assert [m.value for m in client.get_metric_history(run_id, "pairs_train")] == [1.0, 2.0]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert not (run_dir / "pairs" / tracking.ERRORS_FILE).exists()
+
+
+def test_a_store_busy_beyond_patience_records_the_loss_and_the_step_goes_on(tmp_path, capsys):
+    cfg = make_cfg(tmp_path, "mlflow.busy_patience_s=1")
+    run_dir = tmp_path / "runs" / "t"
+    work_done = False
+    with tracking.step_run(cfg, run_dir, "pairs") as tr:
+        holder = hold_write_lock(tmp_path / "runs" / "mlflow.db", 24.0)
+        tr.log_metrics({"pairs_train": 2}, step=1)    # gives up after MLflow's 20 s + 1 s
+        work_done = True
+        holder.wait(30)
+        run_id = tr.run_id
+    assert work_done
+    lines = [json.loads(x) for x in
+             (run_dir / "pairs" / tracking.ERRORS_FILE).read_text().splitlines()]
+    assert lines[0]["what"] == "metrics at step 1" and "database is locked" in lines[0]["error"]
+    assert "not logged" in capsys.readouterr().err
+    client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
+    assert client.get_run(run_id).info.status == "FINISHED"
