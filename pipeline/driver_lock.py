@@ -22,6 +22,25 @@ class RunBusy(RuntimeError):
     """Another driver holds the run's lock."""
 
 
+def driver_identity() -> str:
+    """'pid <n> on <host>' of this process, as the lock file and pipeline.json name it."""
+    return f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+def driver_alive(run_dir: Path) -> bool:
+    """Does a driver hold the run's lock now? (Taking it for an instant tells.)"""
+    path = Path(run_dir) / LOCK_FILE
+    if not path.exists():
+        return False
+    with open(path, "a+", encoding="utf-8") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
+
+
 @contextlib.contextmanager
 def driver_lock(run_dir: Path) -> Iterator[None]:
     """Hold the run's driver lock for the block; RunBusy naming the holder if it is taken."""
@@ -39,8 +58,7 @@ def driver_lock(run_dir: Path) -> Iterator[None]:
                           "finish, or stop it first") from None
         fh.seek(0)
         fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.write(f"{driver_identity()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         fh.flush()
         try:
             yield

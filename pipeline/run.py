@@ -25,7 +25,7 @@ import yaml
 from pipeline import config as config_mod
 from pipeline import dag, state, tracking
 from pipeline.config import ConfigError
-from pipeline.driver_lock import RunBusy, driver_lock
+from pipeline.driver_lock import RunBusy, driver_identity, driver_lock
 from pipeline.executor import (LIVE_STATES, Executor, Submission, make_executor, prestart,
                                resolve_cluster)
 from pipeline.schema import Config
@@ -146,6 +146,10 @@ def submit_steps(cfg: Config, run_dir: Path, steps: list[str], executor: Executo
         if forced or (name != keep and _stale(run_dir, name, sig, shards)):
             _clear(run_dir, name)
         began = time.monotonic()
+        if executor.name == "local":   # recorded before it runs: a killed driver shows
+            state.record_step(run_dir, name, signature=sig, state="RUNNING", after=after,
+                              cluster=executor.name, submitted_at=state.now(), shards=todo,
+                              driver=driver_identity())
         done = executor.submit(sub)
         state.record_step(run_dir, name, signature=sig, job_id=done.job_id, state=done.state,
                           array_tasks=done.array_tasks, after=after, cluster=executor.name,

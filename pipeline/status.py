@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline import dag, state
+from pipeline.driver_lock import driver_alive
 from pipeline.executor import LIVE_STATES, make_executor
 
 
@@ -125,6 +126,10 @@ def step_rows(run_dir: Path) -> list[dict]:
             note = reasons[0]
         if st in ("FAILED", "LOST") and not note:   # e.g. a launcher that died before its marker
             note = gate_note(run_dir, name)
+        if st == "RUNNING" and cluster == "local" and not driver_alive(run_dir):
+            st = "LOST"
+            note = (f"driver gone ({entry.get('driver', 'its driver')} no longer runs this run):"
+                    f" python -m pipeline.resume --job {name} --run {run_dir}")
         if "DependencyNeverSatisfied" in note:
             note = "an upstream step failed: this job never starts (pipeline.resume re-submits it)"
         rows.append({"step": name, "job": job, "state": st, "elapsed": elapsed,

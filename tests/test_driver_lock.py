@@ -57,3 +57,42 @@ def test_a_killed_driver_leaves_no_stale_lock(tmp_path):
     first.join(30)
     with driver_lock(tmp_path):
         pass
+
+
+def test_a_killed_local_driver_shows_its_running_step_as_driver_gone(tmp_path):
+    import json
+    import signal
+    import time
+
+    from pipeline import status
+
+    cfg = make_cfg(tmp_path)
+    run_dir = tmp_path / "runs" / cfg.run.name
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.run", "stage1", "--cluster", "local", "--experiment",
+         "demo", f"run.root={tmp_path}/runs", f"run.name={cfg.run.name}", "data.demo_songs=4",
+         "data.demo_seconds=12", "stage1.epochs=500", "mlflow.system_metrics=false"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            steps = {}
+            if (run_dir / "pipeline.json").exists():
+                steps = json.loads((run_dir / "pipeline.json").read_text()).get("steps", {})
+            if steps.get("stage1", {}).get("state") == "RUNNING":
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("stage1 never started")
+        time.sleep(1.0)
+        driver.kill()                                  # the driver only; its step runs on
+        driver.wait(30)
+        rows = {r["step"]: r for r in status.step_rows(run_dir)}
+        assert rows["stage1"]["state"] == "LOST"
+        assert rows["stage1"]["note"].startswith(f"driver gone (pid {driver.pid} on ")
+        assert rows["chunk"]["state"] == "COMPLETED"
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
