@@ -9,6 +9,7 @@ write-once).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import sys
@@ -38,7 +39,28 @@ def _setup(cfg: Config):
     import mlflow
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
-    if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(cfg.mlflow.experiment) is None:
+    if not uri.startswith("sqlite:"):
+        return mlflow, mlflow.set_experiment(cfg.mlflow.experiment).experiment_id
+    # drivers and jobs starting together on a fresh sqlite store would race to create its
+    # tables (one dies with a raw SQLAlchemy error): one process at a time sets it up
+    with store_lock(Path(uri[len("sqlite:///"):]).with_suffix(".setup.lock")):
+        return _setup_sqlite(cfg, mlflow)
+
+
+@contextlib.contextmanager
+def store_lock(path: Path) -> Iterator[None]:
+    """Exclusive flock on `path` for the block (released if the process dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _setup_sqlite(cfg: Config, mlflow: Any):
+    if mlflow.get_experiment_by_name(cfg.mlflow.experiment) is None:
         # a sqlite store would put artifacts in ./mlruns of whatever folder a job starts
         # in; keep them beside the store instead
         location = (Path(cfg.run.root).resolve() / "mlartifacts").as_uri()

@@ -115,3 +115,20 @@ def test_a_store_busy_beyond_patience_records_the_loss_and_the_step_goes_on(tmp_
     assert "not logged" in capsys.readouterr().err
     client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_drivers_starting_together_on_a_fresh_store_all_get_it(tmp_path):
+    """Four processes set up one new sqlite store at the same moment: none dies on the
+    table creation race, and there is one experiment."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+            "from tests.conftest import make_cfg\nfrom pipeline import tracking\n"
+            "from pathlib import Path\n"
+            "cfg = make_cfg(Path(sys.argv[2]))\n"
+            "print(tracking._setup(cfg)[1])\n")
+    repo = str(Path(__file__).resolve().parent.parent)
+    procs = [subprocess.Popen([sys.executable, "-c", code, repo, str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-500:] for _, err in results]
+    assert len({out.strip() for out, _ in results}) == 1     # one experiment id for all
