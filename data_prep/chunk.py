@@ -88,6 +88,26 @@ def list_sources(source: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(source).as_posix())
 
 
+def unreadable_folders(source: Path) -> list[tuple[Path, str]]:
+    """Folders under `source` that cannot be listed (permissions), with the reason: the
+    file search passes them by in silence, so the manifest names them instead."""
+    found: list[tuple[Path, str]] = []
+
+    def note(exc: OSError) -> None:
+        found.append((Path(exc.filename), f"unreadable folder: {exc.strerror}"))
+    for _ in os.walk(source, onerror=note):
+        pass
+    return sorted(found)
+
+
+def folder_records(source: Path, spec: "ChunkSpec") -> list[dict]:
+    """One skipped manifest line per unreadable folder (no file inside it can be chunked)."""
+    return [{"source": str(path), "song_id": "", "sha256": "", "duration_s": 0.0,
+             "sample_rate": 0, "channels": 0, "chunks": 0, "positions": [], "array": "",
+             "status": "skipped", "reason": reason, "config_hash": spec.config_hash}
+            for path, reason in unreadable_folders(source)]
+
+
 def shard_files(files: list[Path], shard: int, num_shards: int) -> list[Path]:
     """Shard `shard` of `num_shards`: every n-th file of the sorted list, disjoint by construction."""
     if num_shards < 1 or not 0 <= shard < num_shards:
@@ -460,6 +480,8 @@ def run_shard(cfg: Config, run_dir: Path, shard: int = 0, num_shards: int = 1,
                             "files": len(files), "workers": cfg.data.workers})
         start = time.perf_counter()
         records, reused = _run_jobs(jobs, cfg.data.workers, journal, f"chunk {tag}")
+        if shard == 0:   # one shard names the folders no shard could read
+            records += folder_records(source, spec)
         elapsed = time.perf_counter() - start
         records.sort(key=lambda r: r["source"])
         atomic_write_text(manifest, "".join(json.dumps(r, ensure_ascii=False) + "\n"

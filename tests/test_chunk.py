@@ -359,3 +359,58 @@ def test_a_shard_with_an_implausible_share_of_failures_fails(tmp_path, shared_ml
     assert len(collect_manifest(run_dir_of(cfg))) == 4      # the records are kept
     relaxed = cfg_for(tmp_path, shared_mlflow_uri, "data.max_failed_share=1.0")
     assert run_shard(relaxed, run_dir_of(relaxed), source=folder)["failed"] == 3
+
+
+def test_unreadable_files_and_folders_as_a_non_root_user(request, demo_corpus, tiny_cfg):
+    """As an ordinary user (tests run as root here, so a forked child drops to `nobody`
+    before it lists and chunks): a file and a folder it may not read get manifest lines
+    saying so, and the rest is chunked."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another user")
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    import tempfile
+    base = Path(tempfile.mkdtemp(prefix="as_nobody_"))   # pytest's tmp is root's alone
+    request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
+    music = base / "music"
+    shutil.copytree(demo_corpus, music)
+    songs = sorted(music.rglob("*.mp3"))[:4]
+    for extra in sorted(music.rglob("*.mp3"))[4:]:
+        extra.unlink()
+    (music / "private").mkdir()
+    shutil.move(str(songs[1]), music / "private" / songs[1].name)
+    out = base / "songs"
+    out.mkdir()
+    for path in [base, *base.rglob("*")]:
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    songs[0].chmod(0o000)                          # a file it may not read
+    (music / "private").chmod(0o000)               # a folder it may not enter
+    base.chmod(0o755)
+    spec = chunk.ChunkSpec.from_cfg(tiny_cfg)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                   # the child: an ordinary user from here
+        try:
+            os.close(read)
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            records = [chunk.process_file((p, p.name, spec, out, None))[0]
+                       for p in chunk.list_sources(music)]
+            records += chunk.folder_records(music, spec)
+            os.write(write, json.dumps(records).encode())
+        except BaseException as exc:                 # say why, in the parent's failure
+            os.write(write, json.dumps({"child failed": repr(exc)}).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as fh:
+        records = json.loads(fh.read())
+    os.waitpid(pid, 0)
+    assert isinstance(records, list), records
+    by_source = {Path(r["source"]).name: r for r in records}
+    assert by_source[songs[0].name]["status"] == "failed"
+    assert by_source[songs[0].name]["reason"].startswith("unreadable: [Errno 13] Permission denied")
+    assert by_source["private"]["status"] == "skipped"
+    assert by_source["private"]["reason"] == "unreadable folder: Permission denied"
+    assert [r["status"] for n, r in sorted(by_source.items())
+            if n not in (songs[0].name, "private")] == ["ok", "ok"]
