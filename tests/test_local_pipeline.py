@@ -125,3 +125,40 @@ def test_cancel_stops_the_driver_and_its_running_step(local_run):
     left = [p for p in psutil.process_iter(["cmdline"])
             if str(run_dir) in " ".join(p.info["cmdline"] or [])]
     assert not left, [p.info["cmdline"] for p in left]
+
+
+def test_sigterm_to_a_local_stage3_then_resume_continues_from_last_pt(local_run):
+    """SIGTERM to the driver while stage 3 trains: the trainer saves last.pt and stops;
+    pipeline.resume continues from it to the last epoch, and no epoch is trained twice."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from tests.pipeline_fixtures import REPO, TINY
+    root = local_run["root"]
+    copy_steps(local_run["run_dir"], root / "termed",
+               ["chunk", "pairs", "encode", "stage1", "stage2"])
+    run_dir = root / "termed"
+    epochs = ["stage3.epochs=40", "stage3.checkpoint_every=20", "stage3.sample_every=0"]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.run", "stage3", "--experiment", "demo", "--cluster",
+         "local", "--run", "termed", f"run.root={root}", *TINY, *epochs],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "stage3" / "last.pt").exists():   # training is under way
+        assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGTERM)
+    _, err = driver.communicate(timeout=120)
+    assert driver.returncode == 1, err[-2000:]
+    stopped = torch.load(run_dir / "stage3" / "last.pt", weights_only=True)["epoch"]
+    assert 1 <= stopped < 40
+    res = pipeline_cli("resume", "--job", "stage3", "--run", str(run_dir))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert rows_by_step(run_dir)["stage3"]["state"] == "COMPLETED"
+    assert torch.load(run_dir / "stage3" / "last.pt", weights_only=True)["epoch"] == 40
+    lines = [json.loads(x) for x in (run_dir / "stage3" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == list(range(1, 41))
