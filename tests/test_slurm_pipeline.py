@@ -178,3 +178,22 @@ def test_stage3_with_four_gpus_runs_four_processes(full_run, root):
     if script is None:    # submitit keeps the script in the folder named by %j
         script = next((root / "gpus4" / "logs" / "stage3").glob("**/*submission.sh"))
     assert "#SBATCH --gpus-per-node=4" in script.read_text()
+
+
+def test_a_config_edited_after_submission_does_not_change_the_queued_jobs(full_run, root,
+                                                                         tmp_path):
+    """Jobs read the resolved config written at submission, never the YAML files: an
+    experiment file edited while the chain waits in the queue changes nothing of it."""
+    from tests.pipeline_fixtures import TINY
+    copy_steps(full_run["run_dir"], root / "edited", ["chunk", "pairs", "encode"])
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("extends: demo\nstage1: {epochs: 2}\n")
+    res = pipeline_cli("run", "stage1", "--experiment", str(exp), "--cluster", "slurm",
+                       "--run", "edited", f"run.root={root}", *[t for t in TINY
+                                                                if not t.startswith("stage1.epochs")])
+    assert res.returncode == 0, res.stderr
+    exp.write_text("extends: demo\nstage1: {epochs: 5}\n")    # edited while it is queued
+    rows = wait_for(root / "edited", ["stage1"], timeout=240)
+    assert rows["stage1"]["state"] == "COMPLETED", rows
+    lines = (root / "edited" / "stage1" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
