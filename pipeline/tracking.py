@@ -83,10 +83,15 @@ def _flat_params(cfg_section: Any, prefix: str = "") -> dict:
 
 
 def ensure_parent_run(cfg: Config, run_dir: Path) -> str:
-    """Create (once) the pipeline's parent run and record its id in the run folder."""
+    """Create (once) the pipeline's parent run and record its id in the run folder (a busy
+    store is waited on for mlflow.busy_patience_s)."""
     path = Path(run_dir) / PARENT_FILE
     if path.exists():
         return json.loads(path.read_text())["run_id"]
+    return patiently(lambda: _create_parent(cfg, run_dir, path), cfg.mlflow.busy_patience_s)
+
+
+def _create_parent(cfg: Config, run_dir: Path, path: Path) -> str:
     mlflow, exp_id = _setup(cfg)
     client = mlflow.MlflowClient()
     run = client.create_run(exp_id, run_name=cfg.run.name,
@@ -96,20 +101,39 @@ def ensure_parent_run(cfg: Config, run_dir: Path) -> str:
     return run.info.run_id
 
 
-def tag_parent_run(cfg: Config, run_dir: Path, tags: dict) -> str:
-    """Create the parent run if needed, tag it (e.g. with the submission's options); its id."""
-    parent = ensure_parent_run(cfg, run_dir)
-    mlflow, _ = _setup(cfg)
-    client = mlflow.MlflowClient()
-    for key, value in tags.items():
-        client.set_tag(parent, key, str(value))
-    return parent
+def tag_parent_run(cfg: Config, run_dir: Path, tags: dict) -> Optional[str]:
+    """Create the parent run if needed, tag it (e.g. with the submission's options); its
+    id. A store still busy after the patience is reported, not raised: the driver goes on,
+    and the steps make the parent run when the store is free (None here)."""
+    def tag() -> str:
+        parent = ensure_parent_run(cfg, run_dir)
+        mlflow, _ = _setup(cfg)
+        client = mlflow.MlflowClient()
+        for key, value in tags.items():
+            client.set_tag(parent, key, str(value))
+        return parent
+    return _or_report(lambda: patiently(tag, cfg.mlflow.busy_patience_s), "the parent run")
 
 
 def end_parent_run(cfg: Config, run_id: str, ok: bool) -> None:
-    """Mark the parent run FINISHED or FAILED (local runs, once every step has ended)."""
-    mlflow, _ = _setup(cfg)
-    mlflow.MlflowClient().set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+    """Mark the parent run FINISHED or FAILED (local runs, once every step has ended); a
+    store still busy after the patience is reported, not raised."""
+    def end() -> None:
+        mlflow, _ = _setup(cfg)
+        mlflow.MlflowClient().set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+    _or_report(lambda: patiently(end, cfg.mlflow.busy_patience_s), "the parent run's end")
+
+
+def _or_report(call: Callable[[], Any], what: str) -> Any:
+    """call(), or None with a one-line report when the store stayed busy."""
+    try:
+        return call()
+    except Exception as exc:
+        if not is_busy(exc):
+            raise
+        print(f"[tracking] {what} not logged: the MLflow store stayed busy "
+              f"({str(exc).splitlines()[0][:200]})", file=sys.stderr)
+        return None
 
 
 ERRORS_FILE = "tracking_errors.jsonl"

@@ -132,3 +132,16 @@ def test_drivers_starting_together_on_a_fresh_store_all_get_it(tmp_path):
     results = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-500:] for _, err in results]
     assert len({out.strip() for out, _ in results}) == 1     # one experiment id for all
+
+
+def test_the_driver_reports_a_store_busy_beyond_patience_and_goes_on(tmp_path, capsys):
+    cfg = make_cfg(tmp_path, "mlflow.busy_patience_s=1")
+    run_dir = tmp_path / "runs" / "t"
+    parent = tracking.tag_parent_run(cfg, run_dir, {"submit.target": "demo"})
+    holder = hold_write_lock(tmp_path / "runs" / "mlflow.db", 24.0)
+    tracking.end_parent_run(cfg, parent, ok=True)          # no raw traceback: reported
+    assert "the parent run's end not logged: the MLflow store stayed busy" in capsys.readouterr().err
+    holder.wait(30)
+    tracking.end_parent_run(cfg, parent, ok=True)          # free again: it is written
+    client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
+    assert client.get_run(parent).info.status == "FINISHED"
