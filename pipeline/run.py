@@ -240,6 +240,24 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
+def preflight(cfg: Config, run_dir: Path, steps: list[str], sigs: dict[str, str],
+              force: list[str]) -> None:
+    """What a job would find out only after hours in the queue, checked at submission: the
+    music folder exists, and EnCodec's weights are in place when encode will run."""
+    if "chunk" in steps and cfg.data.source and not Path(cfg.data.source).is_dir():
+        raise ConfigError(f"data.source = {cfg.data.source}: no such folder (DATA=...); "
+                          "nothing was submitted")
+    encode_runs = "encode" in steps and (
+        bool(force) or not state.is_complete(run_dir, "encode", sigs["encode"], None))
+    if encode_runs and cfg.encode.codec == "encodec" and cfg.encode.pretrained:
+        from data_prep.codec_encodec import WEIGHTS_FILE
+        weights = Path(cfg.encode.weights_dir) / WEIGHTS_FILE
+        if not weights.is_file():
+            raise ConfigError(f"encode needs the EnCodec weights {weights.resolve()}, which are "
+                              "not there (`make fetch-weights` says how to place them), or use "
+                              "OVERRIDES=encode.codec=mel; nothing was submitted")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
@@ -253,7 +271,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for name in args.force:
             if name not in steps:
                 raise ConfigError(f"--force {name}: not a step of target {args.target} ({steps})")
-        dag.signatures(cfg, steps)   # every step's code must exist before anything is queued
+        sigs = dag.signatures(cfg, steps)   # every step's code must exist before anything is queued
+        preflight(cfg, run_dir_of(cfg), steps, sigs, args.force)
     except (ConfigError, dag.DagError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

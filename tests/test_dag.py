@@ -147,3 +147,18 @@ def test_unknown_force_step_is_a_clear_error(tmp_path):
     res = _run_cli("prepare", "--experiment", "demo", "--cluster", "local", "--force", "stage1",
                    f"run.root={tmp_path}/runs", cwd=REPO)
     assert res.returncode == 2 and "not a step of target prepare" in res.stderr
+
+
+def test_what_a_job_would_find_out_in_the_queue_is_checked_at_submission(tmp_path):
+    res = _run_cli("prepare", "--experiment", "demo", "--cluster", "local", "--data",
+                   str(tmp_path / "nonexistent"), f"run.root={tmp_path}/runs", cwd=REPO)
+    assert res.returncode == 2
+    assert f"data.source = {tmp_path / 'nonexistent'}: no such folder" in res.stderr
+    assert not (tmp_path / "runs").exists()
+    res = _run_cli("prepare", "--experiment", "demo", "--cluster", "local",
+                   "encode.codec=encodec", "encode.pretrained=true",
+                   f"encode.weights_dir={tmp_path / 'weights'}", f"run.root={tmp_path}/runs",
+                   cwd=REPO)
+    assert res.returncode == 2
+    assert f"EnCodec weights {tmp_path / 'weights' / 'encodec_24khz-d7cc33bc.th'}" in res.stderr
+    assert "make fetch-weights" in res.stderr and not (tmp_path / "runs").exists()
