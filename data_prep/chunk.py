@@ -33,11 +33,12 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.corpus import ensure_corpus, file_lock
+from data_prep.corpus import ensure_corpus
 from data_prep.decode import AUDIO_EXTS, AudioError, iter_blocks, probe
 from pipeline.atomic import atomic_path, atomic_write_json, atomic_write_text
 from pipeline.config import ConfigError, load_resolved, write_resolved
 from pipeline.schema import Config
+from pipeline.file_lock import file_lock
 from pipeline.tracking import ensure_parent_run, step_run
 
 # The data settings that change what is written; others (workers, shards) do not.

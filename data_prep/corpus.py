@@ -9,19 +9,17 @@ byte-identical files.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import io
 import json
 import shutil
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import soundfile as sf
 
 from pipeline import config
 from pipeline.atomic import atomic_write_bytes, atomic_write_json
+from pipeline.file_lock import file_lock
 from pipeline.schema import Config
 
 MARKER = ".corpus-complete.json"
@@ -183,18 +181,6 @@ def generate_corpus(out_dir: Path, songs: int, seconds: float, seed: int) -> lis
         atomic_write_bytes(path, data)
         paths.append(path)
     return paths
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive flock on `path`: concurrent shards of a job array do one-time work once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def ensure_corpus(cfg: Config, run_dir: Path) -> Path:

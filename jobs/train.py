@@ -396,9 +396,9 @@ def gan_step(ctx: Context, inp: torch.Tensor, tgt: torch.Tensor, epoch: int,
             (real_logits, _), (fake_logits, _) = ctx.d_train(real, fake.detach())
             loss_d, stats = d_loss(real_logits, fake_logits, gan)
             if gan.r1_gamma > 0:
-                stats["r1"] = r1_penalty(real_logits, real)
-                loss_d = loss_d + 0.5 * gan.r1_gamma * stats["r1"]
-                stats["r1"] = float(stats["r1"].detach())
+                r1 = r1_penalty(real_logits, real)
+                loss_d = loss_d + 0.5 * gan.r1_gamma * r1
+                stats["r1"] = float(r1.detach())
         check_finite({"d_loss": float(loss_d.detach())}, "discriminator", ctx, epoch, batch)
         ctx.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()

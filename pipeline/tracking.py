@@ -9,7 +9,6 @@ write-once).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import sys
@@ -19,6 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from pipeline.atomic import atomic_write_json
 from pipeline.config import section_hash
+from pipeline.file_lock import file_lock
 from pipeline.schema import Config
 
 PARENT_FILE = "mlflow_parent.json"
@@ -43,20 +43,8 @@ def _setup(cfg: Config):
         return mlflow, mlflow.set_experiment(cfg.mlflow.experiment).experiment_id
     # drivers and jobs starting together on a fresh sqlite store would race to create its
     # tables (one dies with a raw SQLAlchemy error): one process at a time sets it up
-    with store_lock(Path(uri[len("sqlite:///"):]).with_suffix(".setup.lock")):
+    with file_lock(Path(uri[len("sqlite:///"):]).with_suffix(".setup.lock")):
         return _setup_sqlite(cfg, mlflow)
-
-
-@contextlib.contextmanager
-def store_lock(path: Path) -> Iterator[None]:
-    """Exclusive flock on `path` for the block (released if the process dies)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _setup_sqlite(cfg: Config, mlflow: Any):
@@ -158,6 +146,16 @@ def patiently(call: Callable[[], Any], patience_s: float) -> Any:
             pause = min(pause * 2, 5.0)
 
 
+def record_lost_call(errors: Path, what: str, exc: BaseException) -> None:
+    """Append a call that could not be logged to `errors` (one JSON line) and say so."""
+    line = json.dumps({"what": what, "error": f"{type(exc).__name__}: {exc}"[:2000],
+                       "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+    with open(errors, "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+    print(f"[tracking] {what} not logged ({type(exc).__name__}: "
+          f"{str(exc).splitlines()[0][:200]}); recorded in {errors}", file=sys.stderr)
+
+
 class StepTracker:
     """Logs for one step; every method is a no-op when disabled (rank != 0).
 
@@ -183,13 +181,7 @@ class StepTracker:
         except Exception as exc:
             if self._errors is None:
                 raise
-            line = json.dumps({"what": what, "error": f"{type(exc).__name__}: {exc}"[:2000],
-                               "time": time.strftime("%Y-%m-%d %H:%M:%S")})
-            with open(self._errors, "a", encoding="utf-8") as fh:
-                fh.write(line + "\n")
-            print(f"[tracking] {what} not logged ({type(exc).__name__}: "
-                  f"{str(exc).splitlines()[0][:200]}); recorded in {self._errors}",
-                  file=sys.stderr)
+            record_lost_call(self._errors, what, exc)
 
     def log_params(self, params: dict) -> None:
         """Log params; if a reopened run holds other values (params are write-once in
@@ -235,15 +227,14 @@ def step_run(cfg: Config, run_dir: Path, step: str, rank: int = 0,
     step_dir.mkdir(parents=True, exist_ok=True)
     patience, errors = cfg.mlflow.busy_patience_s, step_dir / ERRORS_FILE
     try:
-        mlflow, tracker, new_run = patiently(lambda: _open_step(cfg, run_dir, step,
-                                                                system_metrics), patience)
+        mlflow, tracker = patiently(lambda: _open_step(cfg, run_dir, step, system_metrics,
+                                                       patience, errors), patience)
     except Exception as exc:
         if not is_busy(exc):
             raise
-        StepTracker(None, errors=errors)._call("the step's run", lambda: _raise(exc))
+        record_lost_call(errors, "the step's run", exc)
         yield StepTracker(None)
         return
-    tracker._patience, tracker._errors = patience, errors
     status = "FAILED"
     try:
         yield tracker
@@ -252,12 +243,9 @@ def step_run(cfg: Config, run_dir: Path, step: str, rank: int = 0,
         tracker._call(f"end of the run ({status})", lambda: mlflow.end_run(status=status))
 
 
-def _raise(exc: BaseException) -> None:
-    raise exc
-
-
-def _open_step(cfg: Config, run_dir: Path, step: str, system_metrics: Optional[bool]):
-    """(mlflow, its StepTracker, new_run) with the step's child run started."""
+def _open_step(cfg: Config, run_dir: Path, step: str, system_metrics: Optional[bool],
+               patience: float, errors: Path):
+    """(mlflow, its StepTracker) with the step's child run started."""
     mlflow, exp_id = _setup(cfg)
     parent = ensure_parent_run(cfg, run_dir)
     child_file = Path(run_dir) / step / CHILD_FILE
@@ -283,6 +271,6 @@ def _open_step(cfg: Config, run_dir: Path, step: str, system_metrics: Optional[b
         mlflow.end_run(status="FINISHED")
         return start(None)
 
-    tracker = StepTracker(mlflow, new_run)
+    tracker = StepTracker(mlflow, new_run, patience, errors)
     tracker.run_id = start(previous)
-    return mlflow, tracker, new_run
+    return mlflow, tracker
