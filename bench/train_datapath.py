@@ -65,6 +65,7 @@ def baseline_epoch(cfg, run_dir: Path) -> dict:
     from jobs import distributed, train
     from jobs.pair_data import GlobalBatchSampler, read_pairs
     from jobs.telemetry import Telemetry
+    from jobs.train_step import generator_step
 
     info = distributed.setup()
     scfg = cfg.stage1
@@ -83,7 +84,7 @@ def baseline_epoch(cfg, run_dir: Path) -> dict:
     for batch in range(len(sampler)):
         with telemetry.waiting():
             inp, tgt = next(it)
-        train.generator_step(ctx, inp, tgt, 1, batch)
+        generator_step(ctx, [(inp, tgt)], 1, batch)
         telemetry.step(len(inp))
     metrics = telemetry.epoch_metrics()
     samples = len(sampler) * scfg.batch_size

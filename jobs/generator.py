@@ -76,7 +76,7 @@ class Generator(nn.Module):
 
     def set_latent_stats(self, mean: Tensor, song_sqrt: Tensor, frame_sqrt: Tensor) -> None:
         """Store the training latents' mean [C] and the square roots [C, C] of their
-        covariance across chunks and within a chunk (jobs.train.latent_stats)."""
+        covariance across chunks and within a chunk (jobs.latent_stats.latent_stats)."""
         self.latent_mean.copy_(mean)
         self.latent_song_sqrt.copy_(song_sqrt)
         self.latent_frame_sqrt.copy_(frame_sqrt)

@@ -30,10 +30,9 @@ from typing import Optional
 
 from pipeline import config as config_mod
 from pipeline import dag, state
+from pipeline.exit_codes import EXIT_GATE, EXIT_PREEMPTED
 from pipeline.schema import Config
 
-EXIT_PREEMPTED = 75
-EXIT_GATE = 3
 RDZV_PORT_BASE = 29400
 
 

@@ -200,6 +200,12 @@ class StageConfig:
     num_workers: int
     detect_anomaly: bool
     deterministic: bool
+    ema_decay: float          # moving average of the generator's weights (0 = off)
+    grad_accum_steps: int     # micro-batches per optimizer step (1 = off)
+    precision: str            # "bf16", "fp16" (CUDA only) or "fp32"; the CPU runs fp32
+    keep_last: int            # full epoch_<n>.pt files kept (0 = all); stage 3 keeps D of older ones
+    log_every_steps: int      # train/ losses to MLflow every N optimizer steps (0 = off)
+    continue_from: str        # checkpoint to continue with this schedule ("" = off)
     loss: LossConfig
     kl: Optional[KlConfig]
     gan: Optional[GanConfig]
@@ -215,6 +221,7 @@ class AuditConfig:
     batch_size: Optional[int]  # null = per-rank training batch (stage3.batch_size / world_size)
     collapse_d_loss: float    # D loss (per BCE term) below this at every epoch = D collapse
     chance_margin: float      # D accuracy within 0.5 +- this = D cannot tell reals from fakes
+    use_ema: bool             # the generator's EMA weights when the checkpoint has them
 
 
 @dataclass
@@ -223,6 +230,7 @@ class EvaluateConfig:
     seed: int                 # noise seed (repeatable numbers)
     checkpoint: str           # "" = the run's stage3 best.pt
     fft_size: int             # STFT size for spectral flatness
+    use_ema: bool             # the generator's EMA weights when the checkpoint has them
 
 
 @dataclass
@@ -232,6 +240,7 @@ class GenerateConfig:
     seed: int
     checkpoint: str           # "" = stage3 best.pt of the run
     griffin_lim_iters: int
+    use_ema: bool             # the generator's EMA weights when the checkpoint has them
 
 
 @dataclass
@@ -260,6 +269,7 @@ class ClusterConfig:
     setup: list               # shell lines run before each job, e.g. module load
     signal_delay_s: int       # USR2 this long before the time limit
     max_requeues: int
+    allow_cpu_fallback: bool  # a training step that asked for GPUs may run on the CPU (gloo)
     steps: dict[str, Resources]  # step name -> Resources
 
 

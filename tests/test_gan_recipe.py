@@ -105,7 +105,7 @@ def test_generation_draws_the_vae_latents_validation_does_not():
 
 
 def test_latent_stats_are_the_two_covariances_of_the_training_chunks():
-    from jobs.train import psd_sqrt
+    from jobs.latent_stats import psd_sqrt
     a = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
     root = psd_sqrt(a)
     assert torch.allclose(root @ root, a, atol=1e-5) and torch.allclose(root, root.T)

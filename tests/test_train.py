@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data_prep.latent_store import LatentStore
-from jobs import distributed, train
+from jobs import distributed, train, train_state, validation
 from jobs.pair_data import GlobalBatchSampler, PairDataset, read_pairs
 from tests.train_fixtures import load_ckpt, make_run, mlflow_store
 
@@ -67,7 +67,7 @@ def test_chain_transfers_weights_stage_to_stage(tmp_path, store, capsys):
     cfg = train.load_config(run_dir)
     ctx = train.build_context(cfg, run_dir, "stage2", distributed.setup(), {"codec": "mel"})
     before = {k: v.clone() for k, v in ctx.g.state_dict().items()}
-    train.transfer_from_previous(ctx)
+    train_state.transfer_from_previous(ctx)
     name = r2["generator"]["loaded"][0]
     assert torch.equal(ctx.g.state_dict()[name], best1[name])
     assert not torch.equal(before[name], best1[name])
@@ -322,26 +322,26 @@ def test_stage3_validation_measures_the_diversity_of_the_generator_from_noise(tm
     loader = train.make_loader(val_set, val_sampler, cfg.stage3, info)
     ctx = train.build_context(cfg, run_dir, "stage3", info, {"codec": "mel"})
     rng = torch.get_rng_state()
-    first = train.validate(ctx, loader, 3)
+    first = validation.validate(ctx, loader, 3)
     assert torch.equal(torch.get_rng_state(), rng)            # the training RNG is untouched
     assert 0 < first["val_diversity_ratio"] < 10
-    assert train.validate(ctx, loader, 3)["val_diversity_ratio"] == first["val_diversity_ratio"]
+    assert validation.validate(ctx, loader, 3)["val_diversity_ratio"] == first["val_diversity_ratio"]
     ctx.g = _Constant()
-    assert train.validate(ctx, loader, 3)["val_diversity_ratio"] == pytest.approx(0.0, abs=1e-6)
+    assert validation.validate(ctx, loader, 3)["val_diversity_ratio"] == pytest.approx(0.0, abs=1e-6)
     # the generator is given the curriculum's alpha-1 view; with that view replaced by the
     # clean input, an echo's ratio is the inputs' spread over the targets', over the whole set
     seen = []
-    monkeypatch.setattr(train, "mix_noise",
+    monkeypatch.setattr(validation, "mix_noise",
                         lambda x, alpha, generator=None, stats=None: seen.append(alpha) or x)
     ctx.g = _Echo()
-    ratio = train.validate(ctx, loader, 3)["val_diversity_ratio"]
+    ratio = validation.validate(ctx, loader, 3)["val_diversity_ratio"]
     inputs = torch.stack([val_set[i][0] for i in range(len(val_set))])
     targets = torch.stack([val_set[i][1] for i in range(len(val_set))])
     assert ratio == pytest.approx(_rms_pairwise(inputs) / _rms_pairwise(targets), rel=1e-6)
     assert seen and set(seen) == {1.0}
     # stages without a discriminator do not pay for it
     ctx2 = train.build_context(cfg, run_dir, "stage2", info, {"codec": "mel"})
-    assert "val_diversity_ratio" not in train.validate(ctx2, loader, 1)
+    assert "val_diversity_ratio" not in validation.validate(ctx2, loader, 1)
 
 
 def test_stage2_gate_reads_the_history_and_fails_on_posterior_collapse(tmp_path, store):

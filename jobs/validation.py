@@ -1,0 +1,97 @@
+"""Validation of a stage: the mean loss terms over every rank's share of the val pairs,
+stage 3's diversity from pure noise, and stage 1's trivial baselines on the same pairs."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from jobs import distributed
+from jobs.curriculum import mix_noise
+from jobs.evaluate import rms_pairwise_distance, spread_sums
+from jobs.losses import generator_losses
+from jobs.pair_data import PairDataset
+from jobs.running_mean import Running
+from jobs.train_context import Context
+from jobs.train_step import floats
+
+
+@torch.no_grad()
+def noise_fakes(ctx: Context, inp: torch.Tensor, tgt: torch.Tensor, noise: torch.Generator,
+                stats: Optional[tuple]) -> torch.Tensor:
+    """G's outputs from the curriculum's view at alpha 1 with drawn VAE latents, as
+    generation makes them; the VAE's draws come from `noise` too (training RNG untouched)."""
+    devices = [ctx.info.device] if ctx.info.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=noise, device=noise.device)))
+        return ctx.g(mix_noise(inp, 1.0, noise, stats), mix_noise(tgt, 1.0, noise, stats),
+                     ctx.scfg.mode, sample=True)["output"]
+
+
+@torch.no_grad()
+def validate(ctx: Context, loader: DataLoader, epoch: int) -> dict[str, float]:
+    """Mean val terms over ALL ranks' shards; "val_loss" has the KL fully annealed. Stage 3
+    adds val_diversity_ratio: the spread of G's outputs from pure noise (the curriculum's
+    view at alpha 1) over that of the real targets, over the whole val set (all ranks)."""
+    ctx.g.eval()
+    running = Running()
+    s = ctx.schedules(epoch)
+    spread, noise, stats = None, None, None
+    if ctx.d is not None:   # [count, per-element sum, sum of squares] of fakes and reals
+        size = loader.dataset[0][1].numel()
+        spread = {k: [0.0, torch.zeros(size, dtype=torch.float64, device=ctx.info.device), 0.0]
+                  for k in ("fake", "real")}
+        noise = torch.Generator(device=ctx.info.device)   # own stream: training RNG untouched
+        noise.manual_seed(hash((ctx.cfg.run.seed, epoch, ctx.info.rank)))   # same in every process
+        stats = ctx.g.noise_stats(ctx.scfg.curriculum.noise)   # the curriculum's kind of noise
+    for inp, tgt in loader:
+        inp = inp.to(ctx.info.device, non_blocking=True)
+        tgt = tgt.to(ctx.info.device, non_blocking=True)
+        with ctx.autocast():
+            out = ctx.g(inp, tgt, ctx.scfg.mode)
+            terms = generator_losses(out, inp, tgt, ctx.scfg, ctx.codec["codec"], 1.0)
+        values = floats(terms)
+        values["loss"] = values.pop("total")
+        if "kl" in values:   # the loss as trained this epoch (KL weight still annealing)
+            values["loss_annealed"] = (values["loss"] - (1.0 - s["kl_weight"])
+                                       * ctx.scfg.kl.beta * values["kl"])
+        running.add(values, weight=len(inp))
+        if spread is not None:
+            with ctx.autocast():
+                fake = noise_fakes(ctx, inp, tgt, noise, stats)
+            for key, x in (("fake", fake), ("real", tgt)):
+                spread[key] = [a + b for a, b in zip(spread[key], spread_sums(x))]
+    ctx.g.train()
+    metrics = {f"val_{k}": v for k, v in running.means(ctx.info).items()}
+    if spread is not None:
+        sums = distributed.all_reduce_sum(
+            [spread[k][i] for k in spread for i in (0, 2)]
+            + spread["fake"][1].tolist() + spread["real"][1].tolist(), ctx.info)
+        (n_fake, sq_fake, n_real, sq_real), vectors = sums[:4], torch.tensor(sums[4:])
+        total_fake, total_real = vectors.chunk(2)
+        if n_real >= 2:
+            real = rms_pairwise_distance(n_real, total_real, sq_real)
+            if real > 0:
+                metrics["val_diversity_ratio"] = (
+                    rms_pairwise_distance(n_fake, total_fake, sq_fake) / real)
+    return metrics
+
+
+@torch.no_grad()
+def baselines(ctx: Context, train_set: PairDataset, val_loader: DataLoader) -> dict[str, float]:
+    """Stage-1 yardsticks on the same val pairs and loss: output = the start chunk; the mean
+    training latent (per channel, over time and pairs); and start_mean = the start chunk's
+    time-averaged spectrum (per channel) repeated over the target's frames."""
+    info = ctx.info
+    mean = ctx.g.latent_mean   # set from the training targets by latent_stats
+    running = Running()
+    for inp, tgt in val_loader:
+        inp, tgt = inp.to(info.device), tgt.to(info.device)
+        flat = mean.view(1, -1, 1).expand_as(tgt)
+        start_mean = inp.mean(dim=2, keepdim=True).expand_as(tgt)
+        for name, output in (("repeat", inp), ("mean", flat), ("start_mean", start_mean)):
+            terms = generator_losses({"output": output}, inp, tgt, ctx.scfg, ctx.codec["codec"],
+                                     1.0)
+            running.add({f"val_baseline_{name}": float(terms["total"])}, weight=len(inp))
+    return running.means(info)
