@@ -34,7 +34,7 @@ from pipeline.atomic import atomic_path, atomic_write_text
 from pipeline.schema import Config
 
 LN2 = math.log(2.0)
-EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
+EPOCH_FILE = re.compile(r"^epoch_(\d+)(_d)?\.pt$")   # _d: discriminator only (stage keep_last)
 COLUMNS = ("d_epoch", "checkpoint", "fake_bce_vs_real", "fake_prob", "real_bce_vs_real",
            "real_prob", "d_loss", "accuracy")
 
@@ -46,11 +46,12 @@ class AuditError(RuntimeError):
 # --- checkpoints ------------------------------------------------------------------------
 
 def saved_epochs(stage_dir: Path) -> dict[int, Path]:
-    """{epoch: path} of the epoch_<n>.pt files in a stage folder."""
+    """{epoch: path} of the epoch_<n>.pt files in a stage folder, and of the
+    discriminator-only epoch_<n>_d.pt that keep_last leaves of older epochs."""
     found = {}
     for path in Path(stage_dir).glob("epoch_*.pt"):
         match = EPOCH_FILE.match(path.name)
-        if match:
+        if match and not (match.group(2) and int(match.group(1)) in found):
             found[int(match.group(1))] = path
     return dict(sorted(found.items()))
 
@@ -259,12 +260,14 @@ def run(cfg: Config, run_dir: Path, gen_epoch: Optional[int] = None) -> dict:
     run_dir = Path(run_dir)
     stage_dir, out = run_dir / "stage3", run_dir / "audit"
     found = saved_epochs(stage_dir)
-    gen_epoch = gen_epoch or cfg.audit.gen_epoch or (max(found) if found else 0)
-    if gen_epoch not in found:
+    full = [e for e, p in found.items() if not p.name.endswith("_d.pt")]
+    gen_epoch = gen_epoch or cfg.audit.gen_epoch or (max(full) if full else 0)
+    if gen_epoch not in full:
         raise AuditError(f"generator checkpoint {stage_dir / f'epoch_{gen_epoch}.pt'} not found "
-                         f"(saved epochs: {sorted(found) or 'none'})")
+                         f"(saved epochs with a generator: {full or 'none'}; older ones keep "
+                         "only the discriminator, stage3.keep_last)")
     manifest = read_manifest(run_dir)
-    generator, gen_state = load_generator(found[gen_epoch], manifest)
+    generator, gen_state = load_generator(found[gen_epoch], manifest, cfg.audit.use_ema)
     model_cfg = model_config(gen_state, found[gen_epoch])
     batch_size, batch_source, batch_text = batch_choice(cfg, model_cfg, gen_state, found[gen_epoch])
     fakes, reals, info = fixed_batches(cfg, run_dir, generator, gen_epoch, batch_size)
@@ -273,7 +276,7 @@ def run(cfg: Config, run_dir: Path, gen_epoch: Optional[int] = None) -> dict:
     rows, skipped = [], []
     for epoch in wanted_epochs(found, cfg.stage3.checkpoint_every, cfg.audit.first_epoch,
                                cfg.audit.last_epoch):
-        name = f"epoch_{epoch}.pt"
+        name = found[epoch].name if epoch in found else f"epoch_{epoch}.pt"
         if epoch not in found:
             skipped.append(f"{name}: missing")
             continue
@@ -287,7 +290,8 @@ def run(cfg: Config, run_dir: Path, gen_epoch: Optional[int] = None) -> dict:
     lines = [f"audit of generator epoch {gen_epoch} ({found[gen_epoch]}) against "
              f"{len(rows)} discriminator checkpoint(s); batch {info['batch']} fakes "
              f"(curriculum alpha {info['alpha']:g}, {info['mode']}) + {info['batch']} real "
-             "validation chunks", f"batch size: {batch_text}"]
+             "validation chunks", f"batch size: {batch_text}",
+             f"generator weights: {gen_state['weights']} (audit.use_ema {cfg.audit.use_ema})"]
     if info["batch"] < info["asked_batch"]:
         lines.append(f"note: only {info['val_pairs']} validation pairs, so the batch is "
                      f"{info['batch']}, not {info['asked_batch']}")
@@ -309,7 +313,7 @@ def run(cfg: Config, run_dir: Path, gen_epoch: Optional[int] = None) -> dict:
     # overwrite (MLflow forbids changing) the params of an earlier audit
     with step_run(cfg, run_dir, f"audit/gen_epoch_{gen_epoch}") as tracker:
         tracker.log_params({"gen_epoch": gen_epoch, "batch": info["batch"],
-                            "batch_source": batch_source,
+                            "batch_source": batch_source, "weights": gen_state["weights"],
                             "alpha": info["alpha"], "d_epochs": [r["d_epoch"] for r in rows]})
         for row in rows:
             tracker.log_metrics({f"audit_{k}": row[k] for k in COLUMNS[2:]}, step=row["d_epoch"])
@@ -318,7 +322,8 @@ def run(cfg: Config, run_dir: Path, gen_epoch: Optional[int] = None) -> dict:
             tracker.log_artifact(out / name, "audit")
     print(text, end="")
     return {"gen_epoch": gen_epoch, "rows": rows, "skipped": skipped, "verdict": verdict,
-            "findings": findings, "reading": text, "out_dir": str(out), **info}
+            "findings": findings, "reading": text, "out_dir": str(out),
+            "weights": gen_state["weights"], **info}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

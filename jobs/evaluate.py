@@ -274,7 +274,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     ev = cfg.evaluate
     path = default_checkpoint(run_dir, ev.checkpoint)
     manifest = read_manifest(run_dir)
-    generator, state = load_generator(path, manifest)
+    generator, state = load_generator(path, manifest, ev.use_ema)
     real = real_latents(run_dir, "val", ev.n, ev.seed)
     reference = real_latents(run_dir, "train", ev.n, ev.seed)
     stage, epoch = checkpoint_origin(state, path)
@@ -291,14 +291,16 @@ def run(cfg: Config, run_dir: Path) -> dict:
         noise = data_noise(stats, ev.n, manifest["frames"], cfg.generate.temperature, ev.seed)
         metrics |= noise_reference(noise, real, reference, codec.decode(noise), real_audio,
                                    ev.fft_size)
-    result = {"checkpoint": str(path), "epoch": state.get("epoch"), "codec": manifest["codec"],
+    result = {"checkpoint": str(path), "weights": state["weights"], "epoch": state.get("epoch"),
+              "codec": manifest["codec"],
               "pretrained": manifest.get("pretrained"), "n_generated": len(generated),
               "n_real": len(real), "seed": ev.seed, "mode": fakes.mode, "alpha": fakes.alpha,
               "metrics": metrics}
     out = run_dir / "evaluate" / "metrics.json"
     atomic_write_json(out, result)
     with step_run(cfg, run_dir, "evaluate") as tracker:
-        tracker.log_params({"checkpoint": str(path), "epoch": state.get("epoch"),
+        tracker.log_params({"checkpoint": str(path), "weights": state["weights"],
+                            "epoch": state.get("epoch"),
                             "n_generated": len(generated), "n_real": len(real), "seed": ev.seed,
                             "mode": fakes.mode, "alpha": fakes.alpha})
         tracker.log_metrics(metrics)

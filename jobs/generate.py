@@ -89,8 +89,9 @@ def model_config(state: dict, path: Path) -> Config:
         raise ValueError(f"{path}: stored config is unusable ({exc})") from exc
 
 
-def load_generator(path: Path, manifest: dict):
-    """Read checkpoint `path`, check it against the manifest, rebuild its generator (eval mode)."""
+def load_generator(path: Path, manifest: dict, use_ema: bool = True):
+    """Read checkpoint `path`, check it against the manifest, rebuild its generator (eval mode)
+    with the EMA weights when it has them and use_ema; state["weights"] says "ema" or "raw"."""
     from jobs.generator import build_generator
 
     state = ckpt_io.load(path)
@@ -101,8 +102,11 @@ def load_generator(path: Path, manifest: dict):
                             f"{cfg.model.transformer.latent_dim} vs run "
                             f"{manifest.get('latent_dim')}")
     generator = build_generator(cfg, state["parts"])
+    state["weights"] = "ema" if use_ema and state.get("generator_ema") else "raw"
+    print(f"{path}: generator weights {state['weights']}", file=sys.stderr)
     try:
-        generator.load_state_dict(state["generator"])
+        generator.load_state_dict(state["generator_ema" if state["weights"] == "ema"
+                                        else "generator"])
     except RuntimeError as exc:
         raise MismatchError(f"refusing {path}: generator weights do not fit the stored "
                             f"config ({str(exc).splitlines()[0]})") from exc
@@ -402,7 +406,7 @@ def run(cfg: Config, run_dir: Path, checkpoint: Optional[Path] = None, n: Option
                          f"temperature={temperature}")
     out_dir = Path(out_dir) if out_dir else run_dir / "generate"
     manifest = read_manifest(run_dir)
-    generator, state = load_generator(path, manifest)
+    generator, state = load_generator(path, manifest, cfg.generate.use_ema)
     stage, epoch = checkpoint_origin(state, path)
     model_cfg = model_config(state, path)
     mode, _ = trained_as(model_cfg, stage, epoch)
@@ -420,7 +424,8 @@ def run(cfg: Config, run_dir: Path, checkpoint: Optional[Path] = None, n: Option
     waves = codec.decode(fakes.latents).float()
     records = write_samples(out_dir, fakes, waves, codec.sample_rate, manifest["frame_rate"],
                             manifest["codec"])
-    result = {"checkpoint": str(path), "stage": stage, "epoch": state.get("epoch"), "n": n,
+    result = {"checkpoint": str(path), "weights": state["weights"], "stage": stage,
+              "epoch": state.get("epoch"), "n": n,
               "seed": seed, "temperature": temperature, "start_chunk": start_chunk,
               "mode": fakes.mode, "source": fakes.source, "alpha": fakes.alpha,
               "sample_rate": codec.sample_rate, "codec": manifest["codec"],
