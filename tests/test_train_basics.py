@@ -241,3 +241,49 @@ def test_continue_from_another_checkpoint_with_new_epochs_and_lr(tmp_path, store
                      f"stage1.continue_from={source}")
     assert run_stage(short, "stage1") == train.EXIT_BAD_INPUT
     assert "has done 2 epochs; stage1.epochs is 2" in capsys.readouterr().err
+
+
+# --- exact resume with accumulation, EMA and the GAN step ---------------------------------
+
+def test_stage3_with_accumulation_and_ema_resumes_exactly_mid_epoch(tmp_path, store):
+    import shutil
+
+    from tests.test_resume_exact import StopAfter, assert_same_weights, run_in_process
+
+    base = make_run(tmp_path / "base", f"mlflow.tracking_uri={store}", "stage1.epochs=1",
+                    "stage2.epochs=1", "stage3.epochs=3", "stage3.grad_accum_steps=2",
+                    "stage3.ema_decay=0.9", "stage3.curriculum.start_epoch=1")
+    assert run_in_process(base, "stage1") == 0 and run_in_process(base, "stage2") == 0
+    ref, cut = tmp_path / "ref" / "t", tmp_path / "cut" / "t"
+    shutil.copytree(base, ref)
+    shutil.copytree(base, cut)
+    assert run_in_process(ref, "stage3") == 0
+    # 4 steps of epoch 1 + the epoch-end check + 2 steps of epoch 2
+    assert run_in_process(cut, "stage3", StopAfter(4 + 1 + 2)) == train.EXIT_PREEMPTED
+    mid = load_ckpt(cut / "stage3" / "last.pt")
+    assert (mid["epoch"], mid["batch_in_epoch"], mid["step"]) == (1, 4, 6)   # micro-batches
+    assert run_in_process(cut, "stage3") == 0
+    a, b = load_ckpt(ref / "stage3" / "last.pt"), load_ckpt(cut / "stage3" / "last.pt")
+    assert a["step"] == b["step"] == 12
+    assert_same_weights(a, b)
+    assert all(torch.equal(v, b["generator_ema"][k]) for k, v in a["generator_ema"].items())
+    assert max_diff(a["generator"], a["generator_ema"]) > 1e-4
+
+
+def test_loss_scaler_state_goes_into_the_checkpoint_and_back(tmp_path):
+    """fp16 itself needs CUDA; the scaler's save and restore are checked with CPU scalers."""
+    run_dir = make_run(tmp_path)
+    cfg = train.load_config(run_dir)
+    info = distributed.DistInfo(0, 1, 0, torch.device("cpu"))
+    ctx = train.build_context(cfg, run_dir, "stage3", info, {"codec": "mel"})
+    ctx.scaler_g = torch.amp.GradScaler("cpu", init_scale=512.0, growth_interval=7)
+    ctx.scaler_d = torch.amp.GradScaler("cpu", init_scale=64.0)
+    state = train_state.checkpoint_state(ctx, train_state.Progress(epoch=2, step=9))
+    assert state["scaler"]["g"]["scale"] == 512.0 and state["scaler"]["d"]["scale"] == 64.0
+    other = train.build_context(cfg, run_dir, "stage3", info, {"codec": "mel"})
+    other.scaler_g = torch.amp.GradScaler("cpu")
+    other.scaler_d = torch.amp.GradScaler("cpu")
+    progress = train_state.resume(other, state)
+    assert (progress.epoch, progress.step) == (2, 9)
+    assert other.scaler_g.get_scale() == 512.0 and other.scaler_d.get_scale() == 64.0
+    assert other.scaler_g.state_dict()["growth_interval"] == 7
