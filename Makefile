@@ -18,20 +18,27 @@ N         ?=
 TEMPERATURE ?=
 SEED      ?=
 GEN_EPOCH ?=
+CONTINUE  ?=
+GRID      ?=
+SWEEP     ?=
+DELETE    ?=
+ROOT      ?=
 PYTEST_ARGS ?=
 
 # Options shared by the pipeline targets, built only from what was given.
 RUN_OPTS = $(if $(EXP),--experiment $(EXP)) $(if $(RUN),--run $(RUN)) $(if $(DATA),--data $(DATA)) \
            $(if $(CLUSTER),--cluster $(CLUSTER)) $(if $(GPUS),--gpus $(GPUS)) $(if $(NODES),--nodes $(NODES)) \
-           $(foreach s,$(FORCE),--force $(s)) $(if $(DRY_RUN),--dry-run) $(OVERRIDES)
+           $(foreach s,$(FORCE),--force $(s)) $(if $(CONTINUE),--continue $(CONTINUE)) \
+           $(if $(DRY_RUN),--dry-run) $(OVERRIDES)
+ROOT_OPT = $(if $(ROOT),--root $(ROOT))
 
 .PHONY: help install lock test test-fast demo learn corpus prepare train-stage1 train-stage2 train-stage3 \
-        pipeline status cancel resume audit generate evaluate bench mlflow-server mlflow-ui \
+        pipeline sweep gc status cancel resume audit generate evaluate bench mlflow-server mlflow-ui \
         fetch-weights slurm-up slurm-down clean
 
 help:  ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
-	@echo; echo "  Variables: EXP RUN DATA CLUSTER=local|slurm GPUS NODES FORCE=step DRY_RUN=1 OVERRIDES=\"key.sub=value ...\""
+	@echo; echo "  Variables: EXP RUN DATA CLUSTER=local|slurm GPUS NODES FORCE=step CONTINUE=stage DRY_RUN=1 ROOT OVERRIDES=\"key.sub=value ...\""
 
 install: $(STAMP)  ## Create .venv and install the package (pinned by constraints.txt)
 
@@ -76,14 +83,20 @@ train-stage3: $(STAMP)  ## Stage 3 VAE-GAN (and whatever it needs)
 pipeline: $(STAMP)  ## Every step through the audit
 	$(PY) -m pipeline.run all $(RUN_OPTS)
 
-status: $(STAMP)  ## Steps, job ids, states, elapsed time, latest metric
-	$(PY) -m pipeline.status $(if $(RUN),--run runs/$(RUN))
+sweep: $(STAMP)  ## One run per point of a grid: GRID=demo (configs/grids/demo.yaml); shared steps run once
+	$(PY) -m pipeline.sweep --grid $(or $(GRID),demo) $(if $(CLUSTER),--cluster $(CLUSTER)) $(OVERRIDES)
+
+gc: $(STAMP)  ## List store versions no run uses, with sizes; DELETE=1 deletes them
+	$(PY) -m pipeline.gc $(ROOT_OPT) $(if $(DELETE),--delete)
+
+status: $(STAMP)  ## Steps, job ids, states, elapsed time, latest metric (SWEEP=<name>: one table per sweep)
+	$(PY) -m pipeline.status $(ROOT_OPT) $(if $(RUN),--run $(RUN)) $(if $(SWEEP),--sweep $(SWEEP))
 
 cancel: $(STAMP)  ## Cancel the run's queued and running jobs
-	$(PY) -m pipeline.cancel $(if $(RUN),--run runs/$(RUN))
+	$(PY) -m pipeline.cancel $(ROOT_OPT) $(if $(RUN),--run $(RUN))
 
 resume: $(STAMP)  ## Resume a failed/preempted step: JOB=<slurm id | step>
-	$(PY) -m pipeline.resume --job $(JOB) $(if $(RUN),--run runs/$(RUN))
+	$(PY) -m pipeline.resume $(ROOT_OPT) --job $(JOB) $(if $(RUN),--run $(RUN))
 
 audit: $(STAMP)  ## Discriminator-over-epochs audit: GEN_EPOCH=<n>
 	$(PY) -m jobs.audit $(if $(RUN),--run runs/$(RUN)) $(if $(GEN_EPOCH),--gen-epoch $(GEN_EPOCH))

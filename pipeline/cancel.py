@@ -41,10 +41,12 @@ def cancel(run_dir) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", help="run folder (default: the latest under runs/)")
+    parser.add_argument("--run", help="run folder or name (default: the latest under the root)")
+    parser.add_argument("--root", default=None, help="run root (default: run.root of configs/)")
     args = parser.parse_args(argv)
+    from pipeline.status import default_root
     try:
-        run_dir = find_run(args.run)
+        run_dir = find_run(args.run, args.root or default_root())
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ def find_step(job: str, run: Optional[str], root: str = "runs") -> tuple[Path, s
             return find_run(run, root), job
         except FileNotFoundError as exc:
             raise ResumeError(str(exc)) from None
-    candidates = [Path(run)] if run else sorted(Path(root).glob("*"))
+    candidates = [Path(run), Path(root) / run] if run else sorted(Path(root).glob("*"))
     for folder in candidates:
         if (folder / state.STATE_FILE).exists():
             step = state.find_job(state.load(folder), job)
@@ -77,10 +77,12 @@ def resume(run_dir: Path, step: str) -> dict[str, str]:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", required=True, help="a SLURM job id of the run, or a step name")
-    parser.add_argument("--run", help="run folder (default: search runs/)")
+    parser.add_argument("--run", help="run folder or name (default: search the run root)")
+    parser.add_argument("--root", default=None, help="run root (default: run.root of configs/)")
     args = parser.parse_args(argv)
+    from pipeline.status import default_root
     try:
-        run_dir, step = find_step(args.job, args.run)
+        run_dir, step = find_step(args.job, args.run, args.root or default_root())
         with driver_lock(run_dir):
             jobs = resume(run_dir, step)
     except (ResumeError, RunBusy) as exc:

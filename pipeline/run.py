@@ -13,8 +13,8 @@ shards that finished).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,10 +24,12 @@ import yaml
 
 from pipeline import config as config_mod
 from pipeline import dag, state, tracking
+from pipeline import store as store_mod
 from pipeline.config import ConfigError
 from pipeline.driver_lock import RunBusy, driver_identity, driver_lock
-from pipeline.executor import (LIVE_STATES, Executor, Submission, make_executor, prestart,
-                               resolve_cluster)
+from pipeline.executor import (LIVE_STATES, Executor, Submission, Submitted, make_executor,
+                               prestart, resolve_cluster)
+from pipeline.file_lock import file_lock
 from pipeline.schema import Config
 
 
@@ -80,23 +82,37 @@ def _write_config(cfg: Config, run_dir: Path, live: dict[str, str]) -> None:
     config_mod.write_resolved(cfg, run_dir)
 
 
-def _clear(run_dir: Path, step: str) -> None:
-    folder = run_dir / step
-    if folder.is_dir():
-        shutil.rmtree(folder)
-        log(f"{step}: removed outputs made under another signature (or forced)")
+def place(cfg: Config, run_dir: Path, step: str, signature: str, num_shards: Optional[int],
+          forced: bool, keep: bool) -> Path:
+    """Link `<run>/<step>` to the store version it uses now, and return that version.
+
+    A folder the run made before the store existed moves into the store first; a resumed
+    step (`keep`) stays on the version it links to, whatever its signature."""
+    store = store_mod.store_root(cfg)
+    old = state.read_marker(state.marker_path(run_dir, step)) if num_shards is None else next(
+        (m for m in state.markers(run_dir, step, num_shards) if m), None)
+    moved = store_mod.adopt(run_dir, step, store, old["signature"] if old else None)
+    if moved:
+        log(f"{step}: moved the run's own outputs into the shared store: {moved}")
+    current = store_mod.linked(run_dir, step)
+    if keep and current is not None:
+        return current
+    version = store_mod.choose(store, step, signature, num_shards, forced)
+    if current is not None and current != version.resolve():
+        log(f"{step}: the run now uses version {version} ({'forced; ' if forced else ''}"
+            f"the version it used, {current.name}, is kept)")
+    store_mod.link(run_dir, step, version)
+    return version
 
 
-def _stale(run_dir: Path, step: str, signature: str, num_shards: Optional[int]) -> bool:
-    """True when the step folder holds outputs of another signature."""
-    if not (run_dir / step).is_dir():
-        return False
-    if num_shards is not None and any((run_dir / step).glob("step_state-*.json")):
-        found = [state.read_marker(p) for p in (run_dir / step).glob("step_state-*.json")]
-        return any(m is None or m["signature"] != signature or m["num_shards"] != num_shards
-                   for m in found)
-    marks = state.markers(run_dir, step)
-    return marks[0] is None or marks[0]["signature"] != signature
+def shared_job(executor: Executor, version: Path, run_dir: Path) -> Optional[str]:
+    """The live job of another run that is building this version, if any."""
+    claim = store_mod.read_claim(version)
+    if not claim or claim.get("cluster") != executor.name or executor.name == "local":
+        return None
+    found = executor.states([claim["job_id"]])
+    live = claim["job_id"] in found and found[claim["job_id"]][0] in LIVE_STATES
+    return claim["job_id"] if live else None
 
 
 def submit_steps(cfg: Config, run_dir: Path, steps: list[str], executor: Executor,
@@ -117,52 +133,82 @@ def submit_steps(cfg: Config, run_dir: Path, steps: list[str], executor: Executo
         shards = cfg.data.num_shards if kind == "array" else None
         after = [job_of[u] for u in dag.step(name).upstream if u in job_of]
         forced = name in rerun
-        if not forced and state.is_complete(run_dir, name, sig, shards):
-            log(f"{name}: complete with signature {sig[:12]}, skipped")
-            if not dry_run:
-                state.record_step(run_dir, name, signature=sig, skipped_at=state.now())
-            continue
-        entry = data["steps"].get(name, {})
+        if name in live and (forced or data["steps"].get(name, {}).get("signature") != sig):
+            raise ConfigError(f"{name} is queued or running as job {live[name]} under "
+                              "another signature (or forced); cancel it first")
         if name in live:
-            if forced or entry.get("signature") != sig:
-                raise ConfigError(f"{name} is queued or running as job {live[name]} under "
-                                  "another signature (or forced); cancel it first")
             job_of[name] = live[name]
             log(f"{name}: already queued/running as job {live[name]}; waiting on it")
             continue
-        todo = None
-        if shards is not None:
-            fresh = forced or (_stale(run_dir, name, sig, shards) and name != keep)
-            todo = list(range(shards)) if fresh else state.unfinished_shards(run_dir, name, sig, shards)
-        if name not in cfg.cluster.steps:
-            raise ConfigError(f"cluster.steps.{name} is missing from the cluster profile")
-        sub = Submission(name, run_dir, sig, cfg.cluster.steps[name], after=after, shards=todo,
-                         num_shards=shards)
         if dry_run:
-            echo(f"# ---- {name} (signature {sig[:12]}, after {after or 'nothing'}) ----")
-            echo(executor.script(sub))
+            version = store_mod.choose(store_mod.store_root(cfg), name, sig, shards, forced)
+        else:
+            version = place(cfg, run_dir, name, sig, shards, forced, keep == name)
+        with build_lock(version, dry_run):
+            if not forced and state.folder_complete(version, sig, shards):
+                log(f"{name}: complete with signature {sig[:12]} ({version}), skipped")
+                if not dry_run:
+                    state.record_step(run_dir, name, signature=sig, skipped_at=state.now(),
+                                      version=str(version))
+                continue
+            other = None if dry_run else shared_job(executor, version, run_dir)
+            if other:
+                job_of[name] = other
+                state.record_step(run_dir, name, signature=sig, job_id=other, state="PENDING",
+                                  cluster=executor.name, version=str(version), shared=True)
+                log(f"{name}: being built by job {other} of another run; waiting on it")
+                continue
+            done = submit_one(cfg, run_dir, name, sig, version, executor, after, shards,
+                              dry_run, echo)
+        if done is None:
             job_of[name] = f"<{name}>"
             continue
-        if forced or (name != keep and _stale(run_dir, name, sig, shards)):
-            _clear(run_dir, name)
-        began = time.monotonic()
-        if executor.name == "local":   # recorded before it runs: a killed driver shows
-            state.record_step(run_dir, name, signature=sig, state="RUNNING", after=after,
-                              cluster=executor.name, submitted_at=state.now(), shards=todo,
-                              driver=driver_identity())
-        done = executor.submit(sub)
-        state.record_step(run_dir, name, signature=sig, job_id=done.job_id, state=done.state,
-                          array_tasks=done.array_tasks, after=after, cluster=executor.name,
-                          submitted_at=state.now(), shards=todo, reason=done.reason)
         job_of[name] = done.job_id
-        log(f"{name}: {'ran' if executor.name == 'local' else 'submitted'} as job {done.job_id}"
-            f"{' after ' + ','.join(after) if after else ''} -> {done.state}"
-            f" ({time.monotonic() - began:.1f} s)")
         if done.state in ("FAILED", "CANCELLED"):
             log(f"{name}: {done.state} ({done.reason}); its dependents will not run. Fix the "
                 f"cause, then: python -m pipeline.resume --job {name} --run {run_dir}")
             break
     return job_of
+
+
+def build_lock(version: Path, dry_run: bool):
+    """One driver at a time decides about (and, locally, builds) a store version."""
+    if dry_run:
+        return contextlib.nullcontext()
+    return file_lock(version.parent / f".{version.name}.lock")
+
+
+def submit_one(cfg: Config, run_dir: Path, name: str, sig: str, version: Path,
+               executor: Executor, after: list[str], shards: Optional[int], dry_run: bool,
+               echo: Callable[[str], None]) -> Optional[Submitted]:
+    """Submit (SLURM) or run (local) one step into `version`; None for a dry run."""
+    todo = None if shards is None else [
+        i for i, m in enumerate(state.folder_markers(version, shards))
+        if not (m and m["state"] == state.COMPLETED and m["signature"] == sig)]
+    if name not in cfg.cluster.steps:
+        raise ConfigError(f"cluster.steps.{name} is missing from the cluster profile")
+    sub = Submission(name, run_dir, sig, cfg.cluster.steps[name], after=after, shards=todo,
+                     num_shards=shards)
+    if dry_run:
+        echo(f"# ---- {name} (signature {sig[:12]}, version {version}, after "
+             f"{after or 'nothing'}) ----")
+        echo(executor.script(sub))
+        return None
+    began = time.monotonic()
+    if executor.name == "local":   # recorded before it runs: a killed driver shows
+        state.record_step(run_dir, name, signature=sig, state="RUNNING", after=after,
+                          cluster=executor.name, submitted_at=state.now(), shards=todo,
+                          driver=driver_identity(), version=str(version))
+    done = executor.submit(sub)
+    store_mod.write_claim(version, done.job_id, executor.name, run_dir)
+    state.record_step(run_dir, name, signature=sig, job_id=done.job_id, state=done.state,
+                      array_tasks=done.array_tasks, after=after, cluster=executor.name,
+                      submitted_at=state.now(), shards=todo, reason=done.reason,
+                      version=str(version))
+    log(f"{name}: {'ran' if executor.name == 'local' else 'submitted'} as job {done.job_id}"
+        f"{' after ' + ','.join(after) if after else ''} -> {done.state}"
+        f" ({time.monotonic() - began:.1f} s)")
+    return done
 
 
 def prepare_run(cfg: Config, run_dir: Path, executor: Executor, steps: list[str],
@@ -233,11 +279,35 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--nodes", type=int, help="nodes for the training steps")
     p.add_argument("--force", action="append", default=[], metavar="STEP",
                    help="rerun STEP (and its dependents) even if complete")
+    p.add_argument("--continue", dest="continue_step", choices=list(dag.TRAIN_STEPS),
+                   metavar="STAGE", help="continue STAGE from its last.pt with the new "
+                   "schedule given as overrides (more epochs, another lr)")
     p.add_argument("--dry-run", action="store_true",
                    default=os.environ.get("DRY_RUN", "") not in ("", "0"),
                    help="print what would be submitted; submit nothing")
     p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     return p.parse_intermixed_args(argv)
+
+
+def continue_stage(cfg: Config, run_dir: Path, stage: str) -> None:
+    """Set `<stage>.continue_from` to the last.pt of the version the run uses now, so the
+    stage goes on from it under the new settings (a new version beside the old one).
+    Repeating the same command keeps the continued version instead of continuing it again."""
+    current = store_mod.linked(run_dir, stage) or (run_dir / stage)
+    last = current / "last.pt"
+    if not last.is_file():
+        raise ConfigError(f"--continue {stage}: {last} does not exist; the stage has no "
+                          "checkpoint to continue from (run it first)")
+    section = getattr(cfg, stage)
+    made = current / "config.resolved.yaml"
+    if made.exists():
+        before = yaml.safe_load(made.read_text()).get(stage, {})
+        now = config_mod.to_dict(section)
+        if before.get("continue_from") and {k: v for k, v in before.items() if k != "continue_from"} \
+                == {k: v for k, v in now.items() if k != "continue_from"}:
+            section.continue_from = before["continue_from"]   # already this continuation
+            return
+    section.continue_from = str(last.resolve())
 
 
 def preflight(cfg: Config, run_dir: Path, steps: list[str], sigs: dict[str, str],
@@ -247,8 +317,13 @@ def preflight(cfg: Config, run_dir: Path, steps: list[str], sigs: dict[str, str]
     if "chunk" in steps and cfg.data.source and not Path(cfg.data.source).is_dir():
         raise ConfigError(f"data.source = {cfg.data.source}: no such folder (DATA=...); "
                           "nothing was submitted")
-    encode_runs = "encode" in steps and (
-        bool(force) or not state.is_complete(run_dir, "encode", sigs["encode"], None))
+    if cfg.run.name in store_mod.RESERVED:
+        raise ConfigError(f"run.name = {cfg.run.name}: that folder under run.root is the "
+                          "pipeline's own; pick another --run")
+    encode_runs = "encode" in steps and (bool(force) or not (
+        state.is_complete(run_dir, "encode", sigs["encode"], None) or state.folder_complete(
+            store_mod.choose(store_mod.store_root(cfg), "encode", sigs["encode"], None, False),
+            sigs["encode"])))
     if encode_runs and cfg.encode.codec == "encodec" and cfg.encode.pretrained:
         from data_prep.codec_encodec import WEIGHTS_FILE
         weights = Path(cfg.encode.weights_dir) / WEIGHTS_FILE
@@ -267,6 +342,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not args.dry_run:
             prestart(cluster)
         cfg = _absolute_root(config_mod.load(args.experiment, cluster, build_overrides(args)))
+        if args.continue_step:
+            continue_stage(cfg, run_dir_of(cfg), args.continue_step)
         steps = dag.plan(args.target)
         for name in args.force:
             if name not in steps:
@@ -283,6 +360,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         submit_steps(cfg, run_dir, steps, executor, tuple(args.force), dry_run=True)
         return 0
     params = {"target": args.target, "experiment": args.experiment or "", "cluster": cluster,
+              "continue": args.continue_step or "",
               "gpus": args.gpus, "nodes": args.nodes, "force": ",".join(args.force),
               "overrides": " ".join(args.overrides)}
     try:

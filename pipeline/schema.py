@@ -15,6 +15,9 @@ class RunConfig:
     name: str                 # run folder name under root
     root: str                 # where run folders live
     seed: int                 # global seed for everything that draws random numbers
+    store: str                # shared step outputs ("" = <root>/store), one folder per signature
+    sweep: str                # name of the sweep this run is a point of ("" = none)
+    sweep_point: str          # the point's overrides, e.g. "stage3.lr=0.001 stage3.epochs=4"
 
 
 @dataclass
@@ -270,6 +273,7 @@ class ClusterConfig:
     signal_delay_s: int       # USR2 this long before the time limit
     max_requeues: int
     allow_cpu_fallback: bool  # a training step that asked for GPUs may run on the CPU (gloo)
+    sbatch_extra: dict        # more sbatch options for every job, e.g. {constraint: a100, exclude: node7}
     steps: dict[str, Resources]  # step name -> Resources
 
 

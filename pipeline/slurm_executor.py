@@ -61,6 +61,19 @@ def header_parameters(lines: list[str]) -> dict[str, Any]:
     return params
 
 
+def extra_options(cfg: Config) -> dict[str, Any]:
+    """cluster.sbatch_extra as submitit's additional parameters ({constraint: a100} ->
+    #SBATCH --constraint=a100; a value of true is a bare flag)."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.cluster.sbatch_extra.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name in NATIVE or name in ("dependency", "array", "output", "error", "signal"):
+            raise ValueError(f"cluster.sbatch_extra.{key}: set by the pipeline itself; use "
+                             "the cluster profile's own key (partition, account, qos, steps.*)")
+        out[name] = True if value is True else str(value)
+    return out
+
+
 class SlurmExecutor(Executor):
     name = "slurm"
 
@@ -70,6 +83,7 @@ class SlurmExecutor(Executor):
     def _executor(self, sub: Submission) -> submitit.SlurmExecutor:
         ex = submitit.SlurmExecutor(folder=self.run_dir / "logs" / sub.step / "%j")
         params = header_parameters(render_header(self.cfg, sub.step, self.run_dir.name))
+        params["additional_parameters"].update(extra_options(self.cfg))
         if sub.after:
             params["dependency"] = "afterok:" + ":".join(sub.after)
         if self.cfg.cluster.setup:

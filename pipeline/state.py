@@ -118,9 +118,15 @@ def read_marker(path: Path) -> Optional[dict]:
 
 def markers(run_dir: Path, step: str, num_shards: Optional[int] = None) -> list[Optional[dict]]:
     """The step's marker(s): one per shard for an array step, else one."""
+    return folder_markers(Path(run_dir) / step, num_shards)
+
+
+def folder_markers(folder: Path, num_shards: Optional[int] = None) -> list[Optional[dict]]:
+    """The markers in one step folder (a run's `<step>` or a store version)."""
     if num_shards is None:
-        return [read_marker(marker_path(run_dir, step))]
-    return [read_marker(marker_path(run_dir, step, i, num_shards)) for i in range(num_shards)]
+        return [read_marker(Path(folder) / "step_state.json")]
+    return [read_marker(Path(folder) / f"step_state-{i}-of-{num_shards}.json")
+            for i in range(num_shards)]
 
 
 def unfinished_shards(run_dir: Path, step: str, signature: str, num_shards: int) -> list[int]:
@@ -132,5 +138,10 @@ def unfinished_shards(run_dir: Path, step: str, signature: str, num_shards: int)
 def is_complete(run_dir: Path, step: str, signature: str,
                 num_shards: Optional[int] = None) -> bool:
     """True when every marker of the step says COMPLETED with this signature."""
+    return folder_complete(Path(run_dir) / step, signature, num_shards)
+
+
+def folder_complete(folder: Path, signature: str, num_shards: Optional[int] = None) -> bool:
+    """True when every marker in the folder says COMPLETED with this signature."""
     return all(m is not None and m["state"] == COMPLETED and m["signature"] == signature
-               for m in markers(run_dir, step, num_shards))
+               for m in folder_markers(folder, num_shards))

@@ -29,6 +29,7 @@ def find_run(run: Optional[str], root: str = "runs") -> Path:
             raise FileNotFoundError(f"no {state.STATE_FILE} in {path}: not a pipeline run folder")
         return path.resolve()
     found = sorted(Path(root).glob(f"*/{state.STATE_FILE}"), key=lambda p: p.stat().st_mtime)
+    found = [p for p in found if p.parent.name not in ("store", "sweeps")]
     if not found:
         raise FileNotFoundError(f"no run folders with {state.STATE_FILE} under {root}/")
     return found[-1].parent.resolve()
@@ -146,13 +147,86 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def headline(run_dir: Path) -> dict[str, str]:
+    """A run's headline results: stage 3's best validation loss, evaluate's ratios and
+    the audit's verdict ("" where a step has not made them)."""
+    out = {"stage3_best_val": "", "diversity": "", "frechet": "", "audit": ""}
+    try:
+        lines = (run_dir / "stage3" / "metrics.jsonl").read_text().strip().splitlines()
+        best = [json.loads(line).get("best_val_loss") for line in lines]
+        best = [b for b in best if b is not None]
+        out["stage3_best_val"] = f"{best[-1]:.4g}" if best else ""
+    except (OSError, ValueError):
+        pass
+    try:
+        m = json.loads((run_dir / "evaluate" / "metrics.json").read_text()).get("metrics", {})
+        out["diversity"] = f"{m['diversity_ratio']:.3g}" if "diversity_ratio" in m else ""
+        out["frechet"] = f"{m['frechet_ratio']:.3g}" if "frechet_ratio" in m else ""
+    except (OSError, ValueError):
+        pass
+    try:
+        for line in (run_dir / "audit" / "reading.txt").read_text().splitlines():
+            if line.startswith("verdict:"):
+                out["audit"] = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return out
+
+
+SHORT_STATE = {"COMPLETED": "done", "RUNNING": "run", "PENDING": "wait", "FAILED": "FAIL",
+               "CANCELLED": "cancel", "NOT RUN": "-", "LOST": "LOST", "PREEMPTED": "preempt",
+               "INTERRUPTED": "intr"}
+
+
+def sweep_rows(root: Path, name: str) -> list[dict]:
+    """One row per point of sweep `name`: its run, each step's state, headline results."""
+    from pipeline.sweep import record_path
+    path = record_path(root, name)
+    if not path.exists():
+        raise FileNotFoundError(f"no sweep '{name}' under {root} ({path} is missing)")
+    rows = []
+    for point in json.loads(path.read_text())["points"]:
+        run_dir = Path(root) / point["run"]
+        row = {"point": point["point"], "run": point["run"]}
+        if (run_dir / state.STATE_FILE).exists():
+            for r in step_rows(run_dir):
+                row[r["step"]] = SHORT_STATE.get(r["state"], r["state"])
+            row.update(headline(run_dir))
+        rows.append(row)
+    return rows
+
+
+def format_sweep(rows: list[dict]) -> str:
+    steps = [s for s in dag.STEPS if any(s in r for r in rows)]
+    cols = ["point", *steps, "stage3_best_val", "diversity", "frechet", "audit"]
+    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in cols}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in cols)]
+    for r in rows:
+        lines.append("  ".join(str(r.get(c, "-")).ljust(widths[c]) for c in cols))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def default_root() -> str:
+    """run.root of the configs (so status, resume and cancel look where runs go)."""
+    from pipeline import config as config_mod
+    return config_mod.load(None, "local").run.root
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", help="run folder (default: the latest under runs/)")
+    parser.add_argument("--run", help="run folder or name (default: the latest under the root)")
+    parser.add_argument("--root", default=None, help="run root (default: run.root of configs/)")
+    parser.add_argument("--sweep", help="one table for the points of this sweep")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
+    root = args.root or default_root()
     try:
-        run_dir = find_run(args.run)
+        if args.sweep:
+            rows = sweep_rows(Path(root), args.sweep)
+            print(json.dumps(rows, indent=1) if args.json else
+                  f"sweep {args.sweep} ({len(rows)} points)\n{format_sweep(rows)}")
+            return 0
+        run_dir = find_run(args.run, root)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

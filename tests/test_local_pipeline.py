@@ -60,23 +60,42 @@ def test_force_reruns_the_step_and_its_dependents(local_run):
     assert "encode: ran as job" in res.stderr
 
 
+def store_version(root, name: str, step: str, *extra: str):
+    """Where the store keeps `step` for run `name` with the TINY demo settings + extra."""
+    from pipeline import config, dag, store
+    from tests.pipeline_fixtures import TINY
+    cfg = config.load("demo", "local", [*TINY, f"run.root={root}", f"run.name={name}", *extra])
+    sig = dag.signatures(cfg, dag.plan("all"))[step]
+    return store.store_root(cfg) / step / store.version_name(sig)
+
+
 def test_failed_step_stops_the_chain_and_resume_finishes_it(local_run):
     root = local_run["root"]
-    copy_steps(local_run["run_dir"], root / "broken", ["chunk"])
-    (root / "broken" / "pairs").write_text("a stray file where the pairs folder must go")
-    res = submit("prepare", root, "broken", cluster="local")
+    version = store_version(root, "broken", "pairs", "pairs.stride=2")
+    (version / "train.jsonl").mkdir(parents=True)   # a folder where pairs writes a file
+    res = submit("prepare", root, "broken", "pairs.stride=2", cluster="local")
     assert res.returncode == 1
+    assert "chunk: complete with signature" in res.stderr   # shared with run "full"
     assert "pairs: FAILED" in res.stderr and "encode" not in res.stderr.split("pairs: FAILED")[1]
     rows = rows_by_step(root / "broken")
     assert rows["pairs"]["state"] == "FAILED" and "encode" not in rows
 
-    (root / "broken" / "pairs").unlink()
+    (version / "train.jsonl").rmdir()
     res = pipeline_cli("resume", "--job", "pairs", "--run", str(root / "broken"))
     assert res.returncode == 0, res.stderr
     rows = rows_by_step(root / "broken")
     assert rows["pairs"]["state"] == rows["encode"]["state"] == "COMPLETED"
     again = pipeline_cli("resume", "--job", "pairs", "--run", str(root / "broken"))
     assert again.returncode == 0 and "pairs: complete; nothing to resume" in again.stderr
+
+
+def test_a_file_where_a_step_link_goes_is_an_error_and_is_kept(local_run):
+    root = local_run["root"]
+    (root / "stray").mkdir()
+    (root / "stray" / "pairs").write_text("a user's notes")
+    res = submit("prepare", root, "stray", cluster="local")
+    assert res.returncode == 2 and "stray/pairs is in the way" in res.stderr, res.stderr[-2000:]
+    assert (root / "stray" / "pairs").read_text() == "a user's notes"
 
 
 def test_failed_gate_under_torchrun_reports_its_reason_and_stops_the_chain(local_run):

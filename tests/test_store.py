@@ -1,0 +1,73 @@
+"""The shared store: versions per signature, links from runs, nothing deleted, gc."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pipeline import gc, store
+from pipeline.config import ConfigError
+
+SIG = "ab" * 32
+
+
+def complete(version, sig=SIG):
+    version.mkdir(parents=True, exist_ok=True)
+    (version / "step_state.json").write_text(
+        f'{{"step": "encode", "state": "COMPLETED", "signature": "{sig}"}}')
+
+
+def test_a_new_signature_gets_its_own_folder_and_the_newest_complete_one_is_chosen(tmp_path):
+    s = tmp_path / "store"
+    first = store.choose(s, "encode", SIG, None, forced=False)
+    assert first == s / "encode" / SIG[:16]
+    complete(first)
+    assert store.choose(s, "encode", SIG, None, forced=False) == first
+    forced = store.choose(s, "encode", SIG, None, forced=True)
+    assert forced.name == SIG[:16] + ".r2"
+    forced.mkdir()                                   # begun, not complete: the old one is used
+    assert store.choose(s, "encode", SIG, None, forced=False) == first
+    complete(forced)
+    assert store.choose(s, "encode", SIG, None, forced=False) == forced
+    assert store.choose(s, "encode", "cd" * 32, None, forced=False).name == ("cd" * 32)[:16]
+
+
+def test_link_points_the_run_at_a_version_relatively_and_refuses_to_replace_a_file(tmp_path):
+    version = tmp_path / "runs" / "store" / "pairs" / SIG[:16]
+    run = tmp_path / "runs" / "a"
+    store.link(run, "pairs", version)
+    assert os.readlink(run / "pairs") == os.path.join("..", "store", "pairs", SIG[:16])
+    assert store.linked(run, "pairs") == version.resolve()
+    other = version.with_name("other")
+    store.link(run, "pairs", other)                  # relinking keeps the first version
+    assert store.linked(run, "pairs") == other.resolve() and version.is_dir()
+    (run / "encode").write_text("notes")
+    with pytest.raises(ConfigError, match="in the way"):
+        store.link(run, "encode", version.with_name("e"))
+    assert (run / "encode").read_text() == "notes"
+
+
+def test_a_runs_own_folder_moves_into_the_store_under_its_signature(tmp_path):
+    run = tmp_path / "runs" / "old"
+    (run / "stage1").mkdir(parents=True)
+    (run / "stage1" / "last.pt").write_bytes(b"weights")
+    moved = store.adopt(run, "stage1", tmp_path / "runs" / "store", SIG)
+    assert moved == tmp_path / "runs" / "store" / "stage1" / SIG[:16]
+    assert (run / "stage1" / "last.pt").read_bytes() == b"weights"   # through the link
+    assert (run / "stage1").is_symlink()
+
+
+def test_gc_lists_only_versions_no_run_links_to_and_deletes_only_when_told(tmp_path, capsys):
+    root = tmp_path / "runs"
+    used, unused = root / "store" / "encode" / "used", root / "store" / "encode" / "unused"
+    for v in (used, unused):
+        v.mkdir(parents=True)
+        (v / "latents.npy").write_bytes(b"x" * 5000)
+    store.link(root / "a", "encode", used)
+    assert gc.unreferenced(root, root / "store") == [unused]
+    assert gc.main(["--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "encode/unused" in out and "4.9 KB" in out and "encode/used " not in out
+    assert unused.is_dir()
+    assert gc.main(["--root", str(root), "--delete"]) == 0
+    assert not unused.exists() and used.is_dir() and (root / "a" / "encode").is_dir()
