@@ -31,11 +31,13 @@ class RealFake(nn.Module):
         self.d = d
 
     def forward(self, real: torch.Tensor, fake: torch.Tensor):
+        """(logits, features) of D on the reals and on the fakes."""
         return self.d(real), self.d(fake)
 
 
 @dataclass
 class Context:
+    """Everything one stage's training loop and steps work with."""
     cfg: Config
     run_dir: Path
     stage: str
