@@ -431,7 +431,24 @@ def run(cfg: Config, run_dir: Path, checkpoint: Optional[Path] = None, n: Option
               "sample_rate": codec.sample_rate, "codec": manifest["codec"],
               "out_dir": str(out_dir), "samples": records}
     atomic_write_json(out_dir / "generate.json", result)
+    log_run(cfg, run_dir, result)
     return result
+
+
+def log_run(cfg: Config, run_dir: Path, result: dict) -> None:
+    """The generate step's MLflow child run: its settings as params, its WAVs and
+    spectrograms (and creative masks) under samples/, generate.json."""
+    from pipeline.tracking import step_run
+
+    with step_run(cfg, run_dir, "generate") as tracker:
+        tracker.log_params({k: result[k] for k in ("checkpoint", "weights", "stage", "epoch",
+                                                   "n", "seed", "temperature", "start_chunk",
+                                                   "mode", "alpha") if k in result})
+        for record in result["samples"]:
+            for key in ("wav", "png", "masks"):
+                if key in record:
+                    tracker.log_artifact(record[key], "samples")
+        tracker.log_artifact(Path(result["out_dir"]) / "generate.json")
 
 
 def log_samples(cfg: Config, run_dir: Path, generator: torch.nn.Module, epoch: int,

@@ -5,7 +5,8 @@ Usage in a training loop:
         batch = next(it)
     ...forward, backward, optimizer step...
     tel.step(batch_size)
-and at the end of the epoch `tracker.log_metrics(tel.epoch_metrics(), step=epoch)`.
+and at the end of the epoch `tracker.log_metrics(tel.epoch_metrics(), step=epoch)`
+(MLflow shows them under system/, beside its own CPU, memory and GPU system metrics).
 The clock runs from the first `waiting()` (or `step()`) of the epoch to the last `step()`,
 so validation and checkpointing between epochs are not counted.
 """
@@ -97,5 +98,17 @@ class Telemetry:
             "data_wait_share": min(1.0, self._wait / elapsed) if elapsed > 0 else 0.0,
             "peak_mem_mb": peak,
         }
+        if self.device.type == "cuda":
+            metrics |= cuda_memory(self.device)
         self._reset()
         return metrics
+
+
+def cuda_memory(device: torch.device) -> dict:
+    """The epoch's CUDA allocator figures: peak reserved MiB (allocated plus the cache),
+    the device's total MiB, and the allocator's retries and out-of-memory errors so far."""
+    stats = torch.cuda.memory_stats(device)
+    return {"cuda_peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
+            "cuda_total_mb": torch.cuda.get_device_properties(device).total_memory / 2**20,
+            "cuda_alloc_retries": float(stats.get("num_alloc_retries", 0)),
+            "cuda_ooms": float(stats.get("num_ooms", 0))}

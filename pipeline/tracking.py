@@ -5,6 +5,10 @@ the `mlflow.parentRunId` tag, with the parent's id read from the run folder. Onl
 logs; on other ranks every call is a no-op. A step resumed with the same resolved config
 keeps its child run; a step rerun with a changed config gets a new one (MLflow params are
 write-once).
+
+For reading in the UI: the experiment is tagged as a training one (not GenAI traces); the
+parent run carries headline params, the resolved config and every step's headline results
+(pipeline.run_summary); metric names are grouped (train/, val/, gan/, system/, data/, ...).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from pipeline import run_summary
 from pipeline.atomic import atomic_write_json
 from pipeline.config import section_hash
 from pipeline.file_lock import file_lock
@@ -23,6 +28,9 @@ from pipeline.schema import Config
 
 PARENT_FILE = "mlflow_parent.json"
 CHILD_FILE = "mlflow_run.json"
+# MLflow 3's UI opens an experiment on the view its `mlflow.experimentKind` tag names; an
+# untagged one may open on GenAI traces and prompts instead of the runs table
+KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -40,7 +48,7 @@ def _setup(cfg: Config):
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
     if not uri.startswith("sqlite:"):
-        return mlflow, mlflow.set_experiment(cfg.mlflow.experiment).experiment_id
+        return mlflow, _training_view(mlflow, mlflow.set_experiment(cfg.mlflow.experiment))
     # drivers and jobs starting together on a fresh sqlite store would race to create its
     # tables (one dies with a raw SQLAlchemy error): one process at a time sets it up
     with file_lock(Path(uri[len("sqlite:///"):]).with_suffix(".setup.lock")):
@@ -56,8 +64,15 @@ def _setup_sqlite(cfg: Config, mlflow: Any):
             mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=location)
         except mlflow.exceptions.MlflowException:
             pass   # another job created it first
-    exp = mlflow.set_experiment(cfg.mlflow.experiment)
-    return mlflow, exp.experiment_id
+    return mlflow, _training_view(mlflow, mlflow.set_experiment(cfg.mlflow.experiment))
+
+
+def _training_view(mlflow: Any, exp: Any) -> str:
+    """Tag the experiment to open on its training runs (unless a kind is already chosen);
+    its id."""
+    if KIND_TAG not in (exp.tags or {}):
+        mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, KIND_TAG, TRAINING_KIND)
+    return exp.experiment_id
 
 
 def _flat_params(cfg_section: Any, prefix: str = "") -> dict:
@@ -82,25 +97,73 @@ def ensure_parent_run(cfg: Config, run_dir: Path) -> str:
 def _create_parent(cfg: Config, run_dir: Path, path: Path) -> str:
     mlflow, exp_id = _setup(cfg)
     client = mlflow.MlflowClient()
-    run = client.create_run(exp_id, run_name=cfg.run.name,
-                            tags={"pipeline.run_dir": str(Path(run_dir).resolve())})
+    tags = {"pipeline.run_dir": str(Path(run_dir).resolve()), **run_summary.sweep_tags(cfg)}
+    run = client.create_run(exp_id, run_name=cfg.run.name, tags=tags)
     client.set_terminated(run.info.run_id, status="RUNNING")
     atomic_write_json(path, {"run_id": run.info.run_id, "uri": tracking_uri(cfg)})
+    _log_headline_params(client, run.info.run_id, cfg, run_dir)
     return run.info.run_id
 
 
 def tag_parent_run(cfg: Config, run_dir: Path, tags: dict) -> Optional[str]:
-    """Create the parent run if needed, tag it (e.g. with the submission's options); its
-    id. A store still busy after the patience is reported, not raised: the driver goes on,
-    and the steps make the parent run when the store is free (None here)."""
+    """Create the parent run if needed, tag it (e.g. with the submission's options) and log
+    its headline params and resolved config (log_parent_params); its id. A store still busy
+    after the patience is reported, not raised: the driver goes on, and the steps make the
+    parent run when the store is free (None here)."""
     def tag() -> str:
         parent = ensure_parent_run(cfg, run_dir)
         mlflow, _ = _setup(cfg)
         client = mlflow.MlflowClient()
         for key, value in tags.items():
             client.set_tag(parent, key, str(value))
+        _log_headline_params(client, parent, cfg, run_dir)
         return parent
     return _or_report(lambda: patiently(tag, cfg.mlflow.busy_patience_s), "the parent run")
+
+
+def log_parent_params(cfg: Config, run_dir: Path) -> Optional[str]:
+    """Headline params, sweep tags, git commit and config.resolved.yaml on the parent run
+    (created if needed); its id, or None when the store stayed busy."""
+    return tag_parent_run(cfg, run_dir, {})
+
+
+def _log_headline_params(client: Any, run_id: str, cfg: Config, run_dir: Path) -> None:
+    """Params are write-once: new ones are logged, and one that a later submission changed
+    keeps its first value, with the new one in the tag `changed.<name>`."""
+    from mlflow.entities import Param
+    commit = run_summary.git_commit()
+    wanted = {k: str(v)[:500] for k, v in
+              (run_summary.headline_params(cfg) | {"git_commit": commit}).items()}
+    logged = client.get_run(run_id).data.params
+    new = [Param(k, v) for k, v in wanted.items() if k not in logged]
+    if new:
+        client.log_batch(run_id, params=new)
+    tags = {f"changed.{k}": v for k, v in wanted.items() if k in logged and logged[k] != v}
+    tags |= run_summary.sweep_tags(cfg)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    config = Path(run_dir) / "config.resolved.yaml"
+    if config.exists():
+        client.log_artifact(run_id, str(config))
+
+
+def log_parent_results(cfg: Config, run_dir: Path, metrics: dict, tags: dict) -> None:
+    """Headline results of a step (e.g. stage1/best_val_loss, tag audit.verdict) onto the
+    parent run, from the step's job: on SLURM the driver is gone when steps end."""
+    from mlflow.entities import Metric
+    if not metrics and not tags:
+        return
+    mlflow, _ = _setup(cfg)
+    client = mlflow.MlflowClient()
+    parent = ensure_parent_run(cfg, run_dir)
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
+    if batch:
+        client.log_batch(parent, metrics=batch)
+    for key, value in tags.items():
+        client.set_tag(parent, key, str(value))
 
 
 def end_parent_run(cfg: Config, run_id: str, ok: bool) -> None:
@@ -156,6 +219,50 @@ def record_lost_call(errors: Path, what: str, exc: BaseException) -> None:
           f"{str(exc).splitlines()[0][:200]}); recorded in {errors}", file=sys.stderr)
 
 
+def log_step_results(cfg: Config, run_dir: Path, step: str) -> None:
+    """`step`'s headline results onto the parent run. step_run does this when a step
+    finishes; the driver calls it for a step it skips as already complete (e.g. outputs
+    reused from the store), so the parent run still shows them."""
+    def log() -> None:
+        log_parent_results(cfg, run_dir, *run_summary.step_results(cfg, run_dir, step))
+    _or_report(lambda: patiently(log, cfg.mlflow.busy_patience_s), f"{step}'s headline results")
+
+
+# --- metric names, grouped for the UI -------------------------------------------------
+
+DATA_STEPS = ("chunk", "pairs", "encode")
+STEP_GROUPS = {"audit": ("audit/", "audit_"), "evaluate": ("eval/", ""),
+               "generate": ("generate/", "")}
+SYSTEM = ("samples_per_s", "data_wait_share", "peak_mem_mb", "rank_param_max_diff", "cuda_")
+GAN = ("train_d_", "train_adv", "train_g_loss", "train_feature_matching", "train_r1",
+       "grad_norm_d_", "lr_d", "adv_weight")
+# training steps, first match wins: (name prefixes, group, prefix dropped from the name)
+TRAINING_RULES = (
+    (SYSTEM, "system/", ""),
+    (GAN, "gan/", "train_"),
+    (("val_",), "val/", "val_"),
+    (("best_val_", "gate_"), "val/", ""),
+    (("",), "train/", "train_"),
+)
+
+
+def metric_name(name: str, step: str = "") -> str:
+    """The MLflow name of a metric logged by `step`: grouped as data/, audit/, eval/ by
+    step, else system/, gan/, val/, train/ by name; names holding a "/" are kept."""
+    kind = step.split("/")[0]
+    if "/" in name:
+        return name
+    if kind in DATA_STEPS:
+        return "data/" + name
+    if kind in STEP_GROUPS:
+        group, drop = STEP_GROUPS[kind]
+        return group + (name[len(drop):] if drop and name.startswith(drop) else name)
+    for prefixes, group, drop in TRAINING_RULES:
+        if name.startswith(prefixes):
+            return group + (name[len(drop):] if drop and name.startswith(drop) else name)
+    return name
+
+
 class StepTracker:
     """Logs for one step; every method is a no-op when disabled (rank != 0).
 
@@ -164,11 +271,12 @@ class StepTracker:
     done, and a metric that could not be written must not turn it into a failure."""
 
     def __init__(self, mlflow_module: Any = None, new_run: Optional[Callable[[], str]] = None,
-                 patience_s: float = 0.0, errors: Optional[Path] = None):
+                 patience_s: float = 0.0, errors: Optional[Path] = None, step: str = ""):
         self._mlflow = mlflow_module
         self._new_run = new_run
         self._patience = patience_s
         self._errors = errors
+        self.step = step
         self.run_id: Optional[str] = None
 
     @property
@@ -198,8 +306,10 @@ class StepTracker:
             self._mlflow.log_params(dict(items[i:i + 100]))
 
     def log_metrics(self, metrics: dict, step: Optional[int] = None) -> None:
+        """Log metrics under their grouped names (metric_name)."""
         if self.enabled:
-            clean = {k: float(v) for k, v in metrics.items() if v is not None}
+            clean = {metric_name(k, self.step): float(v) for k, v in metrics.items()
+                     if v is not None}
             self._call(f"metrics at step {step}",
                        lambda: self._mlflow.log_metrics(clean, step=step))
 
@@ -239,6 +349,8 @@ def step_run(cfg: Config, run_dir: Path, step: str, rank: int = 0,
     try:
         yield tracker
         status = "FINISHED"
+        tracker._call("headline results on the parent run", lambda: log_parent_results(
+            cfg, run_dir, *run_summary.step_results(cfg, run_dir, step)))
     finally:
         tracker._call(f"end of the run ({status})", lambda: mlflow.end_run(status=status))
 
@@ -256,9 +368,11 @@ def _open_step(cfg: Config, run_dir: Path, step: str, system_metrics: Optional[b
         if record.get("config") == config_key:
             previous = record["run_id"]
     sysm = cfg.mlflow.system_metrics if system_metrics is None else system_metrics
+    if sysm and step in run_summary.STAGES:
+        warn_without_gpu_monitor()
     fresh = {"run_name": step, "experiment_id": exp_id,
              "tags": {"mlflow.parentRunId": parent, "pipeline.step": step,
-                      "pipeline.run": cfg.run.name}}
+                      "pipeline.run": cfg.run.name, **run_summary.sweep_tags(cfg)}}
 
     def start(reopen: Optional[str]) -> str:
         run = mlflow.start_run(log_system_metrics=sysm,
@@ -271,6 +385,22 @@ def _open_step(cfg: Config, run_dir: Path, step: str, system_metrics: Optional[b
         mlflow.end_run(status="FINISHED")
         return start(None)
 
-    tracker = StepTracker(mlflow, new_run, patience, errors)
+    tracker = StepTracker(mlflow, new_run, patience, errors, step)
     tracker.run_id = start(previous)
     return mlflow, tracker
+
+
+def warn_without_gpu_monitor() -> bool:
+    """MLflow's system metrics include GPU utilisation and memory when a CUDA GPU is there
+    and pynvml (nvidia-ml-py) imports; say so when the GPU is there but pynvml is not.
+    True when GPU system metrics will be logged."""
+    import torch
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import pynvml  # noqa: F401
+    except ImportError:
+        print("[tracking] no GPU system metrics: pynvml is missing "
+              "(pip install nvidia-ml-py)", file=sys.stderr)
+        return False
+    return True

@@ -58,7 +58,7 @@ def test_audit_table_plot_reading_and_mlflow(fresh):
     run_id = json.loads((out / "gen_epoch_3" / "mlflow_run.json").read_text())["run_id"]
     names = {a.path for a in client.list_artifacts(run_id, "audit")}
     assert names == {"audit/audit.csv", "audit/audit.png", "audit/reading.txt"}
-    history = client.get_metric_history(run_id, "audit_fake_bce_vs_real")
+    history = client.get_metric_history(run_id, "audit/fake_bce_vs_real")
     assert sorted(m.step for m in history) == [1, 2, 3]
     by_step = {m.step: m.value for m in history}
     assert by_step[2] == pytest.approx(float(rows[1]["fake_bce_vs_real"]), abs=1e-5)

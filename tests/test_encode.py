@@ -177,7 +177,8 @@ def test_cli_and_mlflow_metrics(tmp_path, uri):
     client = mlflow.MlflowClient(tracking_uri(cfg))
     run_id = json.loads((run_dir / "encode/mlflow_run.json").read_text())["run_id"]
     run = client.get_run(run_id)
-    assert run.data.metrics["chunks_encoded"] == 4 and run.data.metrics["x_real_time"] > 0
+    assert run.data.metrics["data/chunks_encoded"] == 4
+    assert run.data.metrics["data/x_real_time"] > 0
     assert run.data.tags["mlflow.runName"] == "encode"
     assert [a.path for a in client.list_artifacts(run_id)] == ["manifest.json"]
 

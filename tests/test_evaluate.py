@@ -115,7 +115,7 @@ def test_evaluate_step_writes_metrics_and_logs_them(tmp_path):
     client = mlflow.MlflowClient(tracking_uri(cfg))
     run_id = json.loads((run_dir / "evaluate" / "mlflow_run.json").read_text())["run_id"]
     logged = client.get_run(run_id).data.metrics
-    assert logged["diversity_ratio"] == pytest.approx(m["diversity_ratio"])
+    assert logged["eval/diversity_ratio"] == pytest.approx(m["diversity_ratio"])
     assert [a.path for a in client.list_artifacts(run_id, "evaluate")] == ["evaluate/metrics.json"]
 
 

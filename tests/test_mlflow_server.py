@@ -73,8 +73,8 @@ def test_pipeline_logs_parent_and_child_runs_over_http(server):
     names = {c.info.run_name: c for c in children}
     assert {"chunk/shard-0-of-2", "chunk/shard-1-of-2", "pairs", "encode"} <= set(names)
     shard = names["chunk/shard-0-of-2"]
-    assert shard.data.metrics["ok"] == 2 and shard.data.params["shard"] == "0"
-    history = client.get_metric_history(shard.info.run_id, "chunks")
+    assert shard.data.metrics["data/ok"] == 2 and shard.data.params["shard"] == "0"
+    history = client.get_metric_history(shard.info.run_id, "data/chunks")
     assert history and history[-1].value > 0
     arts = [a.path for a in client.list_artifacts(shard.info.run_id)]
     assert arts, "no artifacts logged"

@@ -132,8 +132,8 @@ def test_telemetry_metrics_appear_in_the_mlflow_run(tmp_path):
             tracker.log_metrics(logged[epoch], step=epoch)
         run_id = tracker.run_id
     client = MlflowClient(tracking_uri(cfg))
-    for name in ("samples_per_s", "data_wait_share", "peak_mem_mb"):
-        history = sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)
+    for name in ("samples_per_s", "data_wait_share", "peak_mem_mb"):   # under system/
+        history = sorted(client.get_metric_history(run_id, f"system/{name}"), key=lambda m: m.step)
         assert [m.step for m in history] == [1, 2]
         assert [m.value for m in history] == pytest.approx([logged[1][name], logged[2][name]])
     assert client.get_run(run_id).info.status == "FINISHED"

@@ -27,15 +27,15 @@ def test_telemetry_and_system_metrics_in_the_run_of_a_tiny_training(tmp_path):
     run_id = json.loads((run_dir / "stage1" / "mlflow_run.json").read_text())["run_id"]
     client = MlflowClient(tracking_uri(load_config(run_dir)))
     epochs = load_config(run_dir).stage1.epochs
-    for name in ("samples_per_s", "data_wait_share", "peak_mem_mb",
-                 "grad_norm_g_before", "grad_norm_g_after"):
+    for name in ("system/samples_per_s", "system/data_wait_share", "system/peak_mem_mb",
+                 "train/grad_norm_g_before", "train/grad_norm_g_after"):
         history = client.get_metric_history(run_id, name)
         assert sorted(m.step for m in history) == list(range(1, epochs + 1)), name
-    for m in client.get_metric_history(run_id, "samples_per_s"):
+    for m in client.get_metric_history(run_id, "system/samples_per_s"):
         assert m.value > 0
-    for m in client.get_metric_history(run_id, "data_wait_share"):
+    for m in client.get_metric_history(run_id, "system/data_wait_share"):
         assert 0.0 <= m.value <= 1.0
-    for m in client.get_metric_history(run_id, "peak_mem_mb"):
+    for m in client.get_metric_history(run_id, "system/peak_mem_mb"):
         assert m.value > 50  # a python process with torch loaded holds far more than 50 MiB
     lines = [json.loads(x) for x in (run_dir / "stage1" / "metrics.jsonl").read_text().splitlines()]
     assert [x["samples_per_s"] > 0 for x in lines] == [True] * epochs

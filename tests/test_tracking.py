@@ -28,7 +28,7 @@ def test_child_runs_nest_under_parent_and_reopen_on_resume(tmp_path):
     child = client.get_run(first)
     assert child.data.tags["mlflow.parentRunId"] == parent
     assert child.data.params["pairs.gap"] == "0"
-    assert [m.value for m in client.get_metric_history(first, "pairs_train")] == [5.0, 6.0]
+    assert [m.value for m in client.get_metric_history(first, "data/pairs_train")] == [5.0, 6.0]
     # a sqlite store keeps its artifacts beside it, not in the working directory
     assert child.info.artifact_uri.startswith((tmp_path / "runs" / "mlartifacts").as_uri())
 
@@ -93,7 +93,7 @@ def test_a_busy_store_is_waited_on_and_nothing_is_lost(tmp_path):
         holder.wait(30)
         run_id = tr.run_id
     client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
-    assert [m.value for m in client.get_metric_history(run_id, "pairs_train")] == [1.0, 2.0]
+    assert [m.value for m in client.get_metric_history(run_id, "data/pairs_train")] == [1.0, 2.0]
     assert client.get_run(run_id).info.status == "FINISHED"
     assert not (run_dir / "pairs" / tracking.ERRORS_FILE).exists()
 

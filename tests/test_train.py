@@ -135,14 +135,14 @@ def test_telemetry_and_loss_terms_reach_mlflow(tmp_path, store):
     assert run_stage(run_dir, "stage1") == 0
     run_id = read_json(run_dir / "stage1" / "mlflow_run.json")["run_id"]
     logged = mlflow.MlflowClient(store).get_run(run_id).data.metrics
-    for key in ("samples_per_s", "data_wait_share", "peak_mem_mb", "grad_norm_g_before",
-                "grad_norm_g_after", "train_latent_l1", "val_latent_l1", "val_loss", "lr_g",
-                "val_baseline_mean", "val_baseline_repeat", "alpha", "kl_weight",
-                "gate_passed"):
+    for key in ("system/samples_per_s", "system/data_wait_share", "system/peak_mem_mb",
+                "train/grad_norm_g_before", "train/grad_norm_g_after", "train/latent_l1",
+                "val/latent_l1", "val/loss", "train/lr_g", "val/baseline_mean",
+                "val/baseline_repeat", "train/alpha", "train/kl_weight", "val/gate_passed"):
         assert key in logged, key
-    assert logged["samples_per_s"] > 0 and 0 <= logged["data_wait_share"] <= 1
-    assert logged["peak_mem_mb"] > 10
-    assert logged["grad_norm_g_after"] <= 1.0 + 1e-4     # clipped at stage grad_clip = 1
+    assert logged["system/samples_per_s"] > 0 and 0 <= logged["system/data_wait_share"] <= 1
+    assert logged["system/peak_mem_mb"] > 10
+    assert logged["train/grad_norm_g_after"] <= 1.0 + 1e-4     # clipped at stage grad_clip = 1
 
 
 def test_non_finite_loss_saves_error_checkpoint_and_exits_4(tmp_path, store, capsys):

@@ -1,0 +1,156 @@
+"""What the MLflow parent run shows at a glance: headline params known at submission, and
+each step's headline results, read from the step's own output files when it finishes.
+
+Steps run as separate jobs and the driver may be gone when they end, so each step writes
+its results onto the parent run itself (pipeline.tracking.step_run calls `step_results`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.schema import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("stage1", "stage2", "stage3")
+
+
+def sweep_tags(cfg: Config) -> dict[str, str]:
+    """Tags `sweep` and `sweep.point` from run.sweep / run.sweep_point, when set."""
+    tags = {"sweep": getattr(cfg.run, "sweep", ""), "sweep.point": getattr(cfg.run, "sweep_point", "")}
+    return {k: str(v) for k, v in tags.items() if v}
+
+
+def git_commit() -> str:
+    """HEAD of the code's checkout (with '-dirty' for uncommitted changes), or ''."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head + ("-dirty" if dirty.strip() else "")
+
+
+def headline_params(cfg: Config) -> dict[str, Any]:
+    """The few params a researcher compares runs by (codec, model sizes, learning rates,
+    batch sizes, epochs, seed); the whole config is the run's config.resolved.yaml."""
+    t, d = cfg.model.transformer, cfg.model.discriminator
+    params: dict[str, Any] = {
+        "seed": cfg.run.seed, "codec": cfg.encode.codec,
+        "chunk_seconds": cfg.data.chunk_seconds, "sample_rate": cfg.data.sample_rate,
+        "model.d_model": t.d_model, "model.layers": t.layers, "model.heads": t.heads,
+        "model.vae_latent_channels": cfg.model.vae.latent_channels,
+        "model.d_channels": d.channels, "model.d_layers": d.layers,
+    }
+    for stage in STAGES:
+        scfg = getattr(cfg, stage)
+        params |= {f"{stage}.lr": scfg.lr, f"{stage}.batch_size": scfg.batch_size,
+                   f"{stage}.epochs": scfg.epochs, f"{stage}.mode": scfg.mode}
+        if getattr(scfg, "gan", None) is not None:
+            params[f"{stage}.lr_d"] = scfg.gan.lr_d
+    return params
+
+
+# --- results, per step kind -----------------------------------------------------------
+
+Results = tuple[dict[str, float], dict[str, str]]   # (metrics, tags) for the parent run
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def data_results(cfg: Config, run_dir: Path, step: str) -> Results:
+    """Hours, songs and chunks over every chunk shard (after pairs, when all have run);
+    pairs per split; encoded latents."""
+    metrics: dict[str, float] = {}
+    if step == "pairs":
+        shards = [_json(p) for p in sorted((run_dir / "chunk").glob("summary-*.json"))]
+        if shards:
+            metrics |= {f"data/{k}": sum(s.get(k, 0) for s in shards)
+                        for k in ("audio_hours", "ok", "failed", "chunks")}
+            metrics["data/songs"] = metrics.pop("data/ok")
+        summary = _json(run_dir / "pairs" / "summary.json")
+        metrics |= {f"data/{k}": summary[k] for k in ("pairs_train", "pairs_val") if k in summary}
+    if step == "encode":
+        manifest = _json(run_dir / "encode" / "manifest.json")
+        if "rows" in manifest:
+            metrics["data/latents"] = manifest["rows"]
+    return metrics, {}
+
+
+def stage_results(cfg: Config, run_dir: Path, stage: str) -> Results:
+    """Best and last validation loss, epochs run, the gate, parameter counts."""
+    path = run_dir / stage / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    history = [json.loads(line) for line in lines if line.strip()]
+    losses = [h["val_loss"] for h in history if math.isfinite(h.get("val_loss", math.nan))]
+    metrics: dict[str, float] = {}
+    if losses:
+        metrics |= {f"{stage}/best_val_loss": min(losses), f"{stage}/last_val_loss": losses[-1],
+                    f"{stage}/epochs": history[-1].get("epoch", len(history))}
+    gate = _json(run_dir / stage / "gate.json")
+    if "passed" in gate:
+        metrics[f"{stage}/gate_passed"] = float(gate["passed"])
+    metrics |= parameter_counts(cfg, stage)
+    return metrics, {}
+
+
+def parameter_counts(cfg: Config, stage: str) -> dict[str, float]:
+    """Generator (and discriminator) parameter counts of `stage`, built on the meta device
+    (no memory, no init); {} if the models cannot be built."""
+    try:
+        import torch
+
+        from jobs.discriminator import build_discriminator
+        from jobs.generator import build_generator
+        parts = list(getattr(cfg, stage).enabled_parts)
+        with torch.device("meta"):
+            counts = {f"{stage}/generator_params": build_generator(cfg, parts)}
+            if "gan" in parts:
+                counts[f"{stage}/discriminator_params"] = build_discriminator(cfg)
+        return {k: float(sum(p.numel() for p in m.parameters())) for k, m in counts.items()}
+    except Exception:   # a count is a nicety; the step's results must not depend on it
+        return {}
+
+
+def audit_results(cfg: Config, run_dir: Path, step: str) -> Results:
+    """The audit's verdict (tag audit.verdict) from its reading."""
+    reading = run_dir / "audit" / "reading.txt"
+    lines = reading.read_text().splitlines() if reading.exists() else []
+    verdicts = [line.split(":", 1)[1].strip() for line in lines if line.startswith("verdict:")]
+    return {}, ({"audit.verdict": verdicts[-1]} if verdicts else {})
+
+
+def evaluate_results(cfg: Config, run_dir: Path, step: str) -> Results:
+    """The evaluation's ratios (generated vs real, 1 = like the real data) as eval/<name>."""
+    figures = _json(run_dir / "evaluate" / "metrics.json").get("metrics", {})
+    return {f"eval/{k}": v for k, v in figures.items()
+            if k.endswith("_ratio") and isinstance(v, (int, float))}, {}
+
+
+def generate_results(cfg: Config, run_dir: Path, step: str) -> Results:
+    """How many samples generate wrote and from which checkpoint."""
+    made = _json(run_dir / "generate" / "generate.json")
+    if not made:
+        return {}, {}
+    return ({"generate/samples": len(made.get("samples", []))},
+            {"generate.checkpoint": str(made.get("checkpoint", ""))})
+
+
+RESULTS: dict[str, Callable[[Config, Path, str], Results]] = {
+    "pairs": data_results, "encode": data_results,
+    **{stage: stage_results for stage in STAGES},
+    "audit": audit_results, "evaluate": evaluate_results, "generate": generate_results,
+}
+
+
+def step_results(cfg: Config, run_dir: Path, step: str) -> Results:
+    """Headline (metrics, tags) of a finished step for its parent run; ({}, {}) if none."""
+    read = RESULTS.get(step.split("/")[0])
+    return read(cfg, Path(run_dir), step) if read else ({}, {})
