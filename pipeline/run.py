@@ -26,6 +26,7 @@ from pipeline import config as config_mod
 from pipeline import dag, state, tracking
 from pipeline import store as store_mod
 from pipeline.config import ConfigError
+from pipeline.preflight import preflight
 from pipeline.driver_lock import RunBusy, driver_identity, driver_lock
 from pipeline.executor import (LIVE_STATES, Executor, Submission, Submitted, make_executor,
                                prestart, resolve_cluster)
@@ -310,29 +311,6 @@ def continue_stage(cfg: Config, run_dir: Path, stage: str) -> None:
     section.continue_from = str(last.resolve())
 
 
-def preflight(cfg: Config, run_dir: Path, steps: list[str], sigs: dict[str, str],
-              force: list[str]) -> None:
-    """What a job would find out only after hours in the queue, checked at submission: the
-    music folder exists, and EnCodec's weights are in place when encode will run."""
-    if "chunk" in steps and cfg.data.source and not Path(cfg.data.source).is_dir():
-        raise ConfigError(f"data.source = {cfg.data.source}: no such folder (DATA=...); "
-                          "nothing was submitted")
-    if cfg.run.name in store_mod.RESERVED:
-        raise ConfigError(f"run.name = {cfg.run.name}: that folder under run.root is the "
-                          "pipeline's own; pick another --run")
-    encode_runs = "encode" in steps and (bool(force) or not (
-        state.is_complete(run_dir, "encode", sigs["encode"], None) or state.folder_complete(
-            store_mod.choose(store_mod.store_root(cfg), "encode", sigs["encode"], None, False),
-            sigs["encode"])))
-    if encode_runs and cfg.encode.codec == "encodec" and cfg.encode.pretrained:
-        from data_prep.codec_encodec import WEIGHTS_FILE
-        weights = Path(cfg.encode.weights_dir) / WEIGHTS_FILE
-        if not weights.is_file():
-            raise ConfigError(f"encode needs the EnCodec weights {weights.resolve()}, which are "
-                              "not there (`make fetch-weights` says how to place them), or use "
-                              "OVERRIDES=encode.codec=mel; nothing was submitted")
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
@@ -349,7 +327,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if name not in steps:
                 raise ConfigError(f"--force {name}: not a step of target {args.target} ({steps})")
         sigs = dag.signatures(cfg, steps)   # every step's code must exist before anything is queued
-        preflight(cfg, run_dir_of(cfg), steps, sigs, args.force)
+        preflight(cfg, run_dir_of(cfg), steps, sigs, args.force, cluster)
     except (ConfigError, dag.DagError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
