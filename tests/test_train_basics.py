@@ -10,7 +10,7 @@ import mlflow
 import pytest
 import torch
 
-from jobs import audit, distributed, train, train_state
+from jobs import audit, distributed, evaluate, generate, train, train_state
 from jobs.ema import Ema
 from jobs.generate import load_generator, read_manifest
 from jobs.train_step import generator_step
@@ -120,7 +120,8 @@ def test_ema_update_is_the_moving_average():
 
 
 def test_ema_is_saved_and_generation_reads_it_unless_told_not_to(tmp_path, store, capsys):
-    run_dir = make_run(tmp_path, f"mlflow.tracking_uri={store}", "stage1.ema_decay=0.5")
+    run_dir = make_run(tmp_path, f"mlflow.tracking_uri={store}", "stage1.ema_decay=0.5",
+                       "generate.griffin_lim_iters=2", "evaluate.n=2")
     assert run_stage(run_dir, "stage1") == 0
     for name in ("last.pt", "best.pt", "epoch_1.pt", "epoch_2.pt"):
         state = load_ckpt(run_dir / "stage1" / name)
@@ -133,6 +134,15 @@ def test_ema_is_saved_and_generation_reads_it_unless_told_not_to(tmp_path, store
     assert max_diff(last["generator_ema"], g.state_dict()) == 0.0
     g, state = load_generator(run_dir / "stage1" / "last.pt", manifest, use_ema=False)
     assert state["weights"] == "raw" and max_diff(last["generator"], g.state_dict()) == 0.0
+    # generate and evaluate write which weights they used
+    cfg = train.load_config(run_dir)
+    cfg.evaluate.checkpoint = str(run_dir / "stage1" / "last.pt")
+    made = generate.run(cfg, run_dir, checkpoint=run_dir / "stage1" / "last.pt", n=1)
+    assert read_json(run_dir / "generate" / "generate.json")["weights"] == made["weights"] == "ema"
+    assert evaluate.run(cfg, run_dir)["weights"] == "ema"
+    assert read_json(run_dir / "evaluate" / "metrics.json")["weights"] == "ema"
+    cfg.evaluate.use_ema = False
+    assert evaluate.run(cfg, run_dir)["weights"] == "raw"
     # a checkpoint without EMA is read as raw weights
     plain = make_run(tmp_path / "plain", f"mlflow.tracking_uri={store}", "stage1.epochs=1")
     assert run_stage(plain, "stage1") == 0
