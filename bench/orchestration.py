@@ -6,10 +6,13 @@ to its exit; the queued jobs are cancelled right after.
 5b: the local executor's overhead per step: wall time of `python -m pipeline.run prepare
 --cluster local ...` (chunk shards, pairs, encode, each a subprocess) minus the time the
 same step functions take when called directly in one warm process, over the 3 steps.
-Both use one MLflow store created beforehand, as runs/ has after the first run.
+5c: a second run with the same data settings: how much of chunk, pairs and encode it runs
+(none: it links to the store's versions).
+All use one MLflow store created beforehand, as runs/ has after the first run.
 """
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -154,7 +157,26 @@ def local_row(root: Path, source: Path, chunk_seconds: float, logs: Path) -> Row
                "which imports torch, MLflow and the step modules once (pipeline.preload) while "
                "the driver starts; the overhead is the driver's own start (interpreter, "
                "config, signatures), the wait for those imports, and per launch a fork and the "
-               "step's MLflow child run.")
+               "step's MLflow child run.", raw={"wall": wall})
+
+
+def second_run_row(root: Path, source: Path, chunk_seconds: float, logs: Path,
+                   first_wall: float) -> Row:
+    """5c: a second run with the same data settings: its data steps come from the store."""
+    log = logs / "orchestration-second.log"
+    wall = timed(pipeline_cmd("prepare", "local", root, "second", source, chunk_seconds), log)
+    text = log.read_text()
+    ran = [s for s in PREPARE_STEPS if f"{s}: ran as job" in text]
+    skipped = [s for s in PREPARE_STEPS if f"{s}: complete with signature" in text]
+    data_s = sum(float(m) for m in re.findall(r"\] (?:chunk|pairs|encode): ran as job \S+.*\(([\d.]+) s\)",
+                                               text))
+    return Row("5c", "a second run with the same data settings (`pipeline.run prepare --run "
+                     "second`): seconds spent in chunk, pairs and encode; ratio = wall time / "
+                     "the first run's", f"{data_s:.1f} s of data steps ({len(ran)} ran, "
+                     f"{len(skipped)} from the store); {wall:.1f} s wall",
+               f"first run: {first_wall:.1f} s wall", wall / first_wall, "0 data steps run",
+               not ran, "the second run links to the store versions the first one built; what "
+               "is left is the driver's start, config and signatures, and the MLflow parent run")
 
 
 def run(sizes: dict, work: Path) -> list[Row]:
@@ -169,4 +191,5 @@ def run(sizes: dict, work: Path) -> list[Row]:
               logs / "orchestration-init.log")
     rows = [submit_row(root, source, s["chunk_seconds"], logs),
             local_row(root, source, s["chunk_seconds"], logs)]
+    rows.append(second_run_row(root, source, s["chunk_seconds"], logs, rows[1].raw["wall"]))
     return rows

@@ -29,7 +29,7 @@ BENCHMARKS = {
     "chunk_memory": (("2a", "2b"), "chunking memory"),
     "encode_throughput": (("3a", "3b"), "encoding throughput"),
     "train_datapath": (("4a", "4b"), "training data path"),
-    "orchestration": (("5a", "5b"), "orchestration"),
+    "orchestration": (("5a", "5b", "5c"), "orchestration"),
 }
 SIZES_FILE = Path(__file__).resolve().parent / "sizes.yaml"
 
