@@ -1,7 +1,6 @@
 """Helpers for the pipeline tests: tiny overrides, submitting through the CLI, waiting."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
@@ -61,11 +60,12 @@ def wait_for(run_dir: Path, steps: list[str], timeout: float = 300, poll: float 
         time.sleep(poll)
 
 
-def copy_steps(src: Path, dst: Path, steps: list[str]) -> None:
-    """A new run that starts with `src`'s finished steps (their markers and outputs), but
-    with its own MLflow runs."""
-    dst.mkdir(parents=True)
-    for name in ["corpus", *steps]:
-        shutil.copytree(src / name, dst / name)
-    for child in dst.glob("**/mlflow_run.json"):
-        child.unlink()
+def store_version(root: Path, name: str, step: str, *extra: str, cluster: str = "local",
+                  target: str = "all") -> Path:
+    """The store folder that `submit(target, root, name, *extra)` will use for `step`."""
+    from pipeline import config, dag, store
+    cfg = config.load("demo", cluster, [*TINY, f"run.root={root}", f"run.name={name}", *extra])
+    sig = dag.signatures(cfg, dag.plan(target))[step]
+    return store.store_root(cfg) / step / store.version_name(sig)
+
+

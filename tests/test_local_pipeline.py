@@ -7,7 +7,7 @@ import re
 import pytest
 
 from pipeline import state
-from tests.pipeline_fixtures import copy_steps, pipeline_cli, rows_by_step, submit
+from tests.pipeline_fixtures import pipeline_cli, rows_by_step, store_version, submit
 
 ALL = ["chunk", "pairs", "encode", "stage1", "stage2", "stage3", "audit"]
 
@@ -60,15 +60,6 @@ def test_force_reruns_the_step_and_its_dependents(local_run):
     assert "encode: ran as job" in res.stderr
 
 
-def store_version(root, name: str, step: str, *extra: str):
-    """Where the store keeps `step` for run `name` with the TINY demo settings + extra."""
-    from pipeline import config, dag, store
-    from tests.pipeline_fixtures import TINY
-    cfg = config.load("demo", "local", [*TINY, f"run.root={root}", f"run.name={name}", *extra])
-    sig = dag.signatures(cfg, dag.plan("all"))[step]
-    return store.store_root(cfg) / step / store.version_name(sig)
-
-
 def test_failed_step_stops_the_chain_and_resume_finishes_it(local_run):
     root = local_run["root"]
     version = store_version(root, "broken", "pairs", "pairs.stride=2")
@@ -100,7 +91,6 @@ def test_a_file_where_a_step_link_goes_is_an_error_and_is_kept(local_run):
 
 def test_failed_gate_under_torchrun_reports_its_reason_and_stops_the_chain(local_run):
     root = local_run["root"]
-    copy_steps(local_run["run_dir"], root / "gated", ["chunk", "pairs", "encode"])
     res = submit("stage2", root, "gated", "--gpus", "2", "stage1.gate.min_improvement=0.99",
                  "stage1.epochs=1", cluster="local")
     assert res.returncode == 1
@@ -124,7 +114,6 @@ def test_cancel_stops_the_driver_and_its_running_step(local_run):
 
     from tests.pipeline_fixtures import REPO, TINY
     root = local_run["root"]
-    copy_steps(local_run["run_dir"], root / "cancelled", ["chunk", "pairs", "encode"])
     driver = subprocess.Popen(
         [sys.executable, "-m", "pipeline.run", "stage2", "--experiment", "demo", "--cluster",
          "local", "--run", "cancelled", f"run.root={root}", *TINY, "stage1.epochs=500"],
@@ -158,8 +147,6 @@ def test_sigterm_to_a_local_stage3_then_resume_continues_from_last_pt(local_run)
 
     from tests.pipeline_fixtures import REPO, TINY
     root = local_run["root"]
-    copy_steps(local_run["run_dir"], root / "termed",
-               ["chunk", "pairs", "encode", "stage1", "stage2"])
     run_dir = root / "termed"
     epochs = ["stage3.epochs=40", "stage3.checkpoint_every=20", "stage3.sample_every=0"]
     driver = subprocess.Popen(

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipeline import state
-from tests.pipeline_fixtures import copy_steps, pipeline_cli, rows_by_step, submit, wait_for
+from tests.pipeline_fixtures import pipeline_cli, rows_by_step, store_version, submit, wait_for
 
 pytestmark = [
     pytest.mark.slurm,
@@ -115,10 +115,11 @@ def _wait_running_with_epochs(run_dir: Path, stage: str, epochs: int, timeout: f
 def test_usr2_checkpoints_requeues_and_matches_an_uninterrupted_run(full_run, root):
     # Ten epochs, so the signal lands while training runs (three tiny epochs can end
     # between the poll and the signal); the reference is the same stage, uninterrupted.
+    # The two runs differ only in how often they save epoch files, so the store gives each
+    # its own stage 1 (a run with equal settings would wait on the other's job instead).
     longer = "stage1.epochs=10"
-    for name in ("requeue", "requeue_ref"):
-        copy_steps(full_run["run_dir"], root / name, ["chunk", "pairs", "encode"])
-        res = submit("stage1", root, name, longer)
+    for name, every in (("requeue", "1"), ("requeue_ref", "5")):
+        res = submit("stage1", root, name, longer, f"stage1.checkpoint_every={every}")
         assert res.returncode == 0, res.stderr
     run_dir = root / "requeue"
     job = _wait_running_with_epochs(run_dir, "stage1", 1)
@@ -140,11 +141,13 @@ def test_usr2_checkpoints_requeues_and_matches_an_uninterrupted_run(full_run, ro
 
 
 def test_failed_step_blocks_dependents_and_resume_completes(full_run, root):
-    copy_steps(full_run["run_dir"], root / "broken", ["chunk", "pairs", "encode", "stage1", "stage2"])
     run_dir = root / "broken"
-    (run_dir / "stage3").write_text("a stray file where the stage3 folder must go")
-    res = submit("all", root, "broken")
+    other = "stage3.lr=2e-3"          # its own stage 3 (and audit); the rest comes from the store
+    blocker = store_version(root, "broken", "stage3", other, cluster="slurm") / "last.pt"
+    blocker.mkdir(parents=True)       # a folder where stage 3 keeps its checkpoint
+    res = submit("all", root, "broken", other)
     assert res.returncode == 0, res.stderr
+    assert "stage2: complete with signature" in res.stderr
     rows = wait_for(run_dir, ["stage3", "audit"], timeout=200)
     assert rows["stage3"]["state"] == "FAILED", rows
     assert rows["audit"]["state"] == "PENDING" and "never starts" in rows["audit"]["note"]
@@ -155,7 +158,7 @@ def test_failed_step_blocks_dependents_and_resume_completes(full_run, root):
     done = pipeline_cli("resume", "--job", "stage2", "--run", str(run_dir))
     assert done.returncode == 0 and "stage2: complete; nothing to resume" in done.stderr
 
-    (run_dir / "stage3").unlink()                                  # the cause, fixed
+    blocker.rmdir()                                                # the cause, fixed
     res = pipeline_cli("resume", "--job", failed_job, "--run", str(run_dir))
     assert res.returncode == 0, res.stderr
     assert f"cancelling the dependents of the failed attempt: {rows['audit']['job']}" in res.stderr
@@ -166,7 +169,6 @@ def test_failed_step_blocks_dependents_and_resume_completes(full_run, root):
 
 
 def test_stage3_with_four_gpus_runs_four_processes(full_run, root):
-    copy_steps(full_run["run_dir"], root / "gpus4", ["chunk", "pairs", "encode", "stage1", "stage2"])
     res = submit("stage3", root, "gpus4", "--gpus", "4", "stage3.batch_size=4")
     assert res.returncode == 0, res.stderr
     rows = wait_for(root / "gpus4", ["stage3"], timeout=240)
@@ -185,7 +187,6 @@ def test_a_config_edited_after_submission_does_not_change_the_queued_jobs(full_r
     """Jobs read the resolved config written at submission, never the YAML files: an
     experiment file edited while the chain waits in the queue changes nothing of it."""
     from tests.pipeline_fixtures import TINY
-    copy_steps(full_run["run_dir"], root / "edited", ["chunk", "pairs", "encode"])
     exp = tmp_path / "exp.yaml"
     exp.write_text("extends: demo\nstage1: {epochs: 2}\n")
     res = pipeline_cli("run", "stage1", "--experiment", str(exp), "--cluster", "slurm",
