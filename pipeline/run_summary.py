@@ -36,6 +36,17 @@ def git_commit() -> str:
     return head + ("-dirty" if dirty.strip() else "")
 
 
+def description(cfg: Config, run_dir: Path) -> str:
+    """The parent run's description in the MLflow UI."""
+    sweep = sweep_tags(cfg)
+    point = (f" Point `{sweep.get('sweep.point', '')}` of sweep `{sweep['sweep']}`."
+             if "sweep" in sweep else "")
+    return (f"Pipeline run `{cfg.run.name}`, folder `{Path(run_dir).resolve()}`.{point} "
+            "Headline params and each finished step's results (`<stage>/best_val_loss`, "
+            "`eval/*_ratio`, tag `audit.verdict`) are on this run; each step is a child run; "
+            "the whole config is the artifact `config.resolved.yaml`.")
+
+
 def headline_params(cfg: Config) -> dict[str, Any]:
     """The few params a researcher compares runs by (codec, model sizes, learning rates,
     batch sizes, epochs, seed); the whole config is the run's config.resolved.yaml."""

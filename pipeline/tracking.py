@@ -98,8 +98,7 @@ def _create_parent(cfg: Config, run_dir: Path, path: Path) -> str:
     mlflow, exp_id = _setup(cfg)
     client = mlflow.MlflowClient()
     tags = {"pipeline.run_dir": str(Path(run_dir).resolve()), **run_summary.sweep_tags(cfg)}
-    run = client.create_run(exp_id, run_name=cfg.run.name, tags=tags)
-    client.set_terminated(run.info.run_id, status="RUNNING")
+    run = client.create_run(exp_id, run_name=cfg.run.name, tags=tags)   # RUNNING, no end time
     atomic_write_json(path, {"run_id": run.info.run_id, "uri": tracking_uri(cfg)})
     _log_headline_params(client, run.info.run_id, cfg, run_dir)
     return run.info.run_id
@@ -140,6 +139,8 @@ def _log_headline_params(client: Any, run_id: str, cfg: Config, run_dir: Path) -
         client.log_batch(run_id, params=new)
     tags = {f"changed.{k}": v for k, v in wanted.items() if k in logged and logged[k] != v}
     tags |= run_summary.sweep_tags(cfg)
+    if "mlflow.note.content" not in client.get_run(run_id).data.tags:   # the description
+        tags["mlflow.note.content"] = run_summary.description(cfg, run_dir)
     if commit:
         tags["mlflow.source.git.commit"] = commit
     for key, value in tags.items():

@@ -121,6 +121,15 @@ def test_finished_steps_put_their_headline_results_on_the_parent(tmp_path):
     assert parent.tags["audit.verdict"] == "healthy"
 
 
+def test_a_step_skipped_as_complete_puts_its_results_on_the_parent(tmp_path):
+    cfg = make_cfg(tmp_path)
+    run_dir = tmp_path / "runs" / "t"
+    (run_dir / "evaluate").mkdir(parents=True)
+    (run_dir / "evaluate" / "metrics.json").write_text(json.dumps({"metrics": {"step_ratio": 1.2}}))
+    tracking.log_step_results(cfg, run_dir, "evaluate")
+    assert client_of(cfg).get_run(parent_of(run_dir)).data.metrics["eval/step_ratio"] == 1.2
+
+
 def test_a_failed_step_puts_nothing_on_the_parent(tmp_path):
     cfg = make_cfg(tmp_path)
     run_dir = tmp_path / "runs" / "t"
@@ -152,6 +161,7 @@ def test_sweep_points_are_tagged_on_parent_and_child_runs(tmp_path):
     for run_id in (parent_of(run_dir), child):
         tags = client.get_run(run_id).data.tags
         assert tags["sweep"] == "lr-sweep" and tags["sweep.point"] == "stage3.lr=0.001"
+    assert "of sweep `lr-sweep`" in client.get_run(parent_of(run_dir)).data.tags["mlflow.note.content"]
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
     found = client.search_runs([exp.experiment_id], "tags.sweep = 'lr-sweep'")
     assert {r.info.run_id for r in found} == {parent_of(run_dir), child}
