@@ -28,10 +28,10 @@ from typing import Any
 MLFLOW = Path(sys.executable).parent / "mlflow"
 WIDTH, HEIGHT = 1500, 950
 # the runs table's columns: headline params, each stage's results, evaluation, audit
-COLUMNS = ["params.`codec`", "params.`model.d_model`", "params.`stage3.lr`",
-           "metrics.`stage1/best_val_loss`", "metrics.`stage2/best_val_loss`",
-           "metrics.`stage3/best_val_loss`", "metrics.`eval/frechet_ratio`",
-           "metrics.`eval/diversity_ratio`", "tags.`audit.verdict`"]
+COLUMNS = ["tags.`sweep.point`", "params.`stage3.lr`", "params.`model.d_model`",
+           "metrics.`stage1/best_val_loss`", "metrics.`stage3/best_val_loss`",
+           "metrics.`eval/frechet_ratio`", "metrics.`eval/diversity_ratio`",
+           "tags.`audit.verdict`"]
 
 
 class Browser:
@@ -90,6 +90,15 @@ class Browser:
         self.call("Page.navigate", url=url)
         time.sleep(settle_s)
 
+    def type_into(self, placeholder: str, text: str) -> None:
+        """Type `text` into the input showing `placeholder` (as React sees typing)."""
+        self.run_js(
+            f"const box = document.querySelector('input[placeholder=\"{placeholder}\"]');"
+            "Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value')"
+            f".set.call(box, {json.dumps(text)});"
+            "box.dispatchEvent(new Event('input', {bubbles: true}));")
+        time.sleep(3)
+
     def screenshot(self, out: Path, height: int = HEIGHT) -> None:
         """The page's top `height` pixels as a 256-colour PNG."""
         from PIL import Image
@@ -147,6 +156,7 @@ def ui_settings(experiment: str, parent: str) -> dict[str, str]:
     """localStorage entries of MLflow 3.x's UI: training view, assistant closed, the
     headline columns chosen, the parent run expanded to show its steps."""
     page = {"selectedColumns": COLUMNS, "runsExpanded": {parent: True},
+            "columnWidths": {column: 150 for column in COLUMNS},
             "orderByKey": "attributes.start_time", "orderByAsc": False}
     return {"mlflow.workflowType_v1": json.dumps("machine_learning"),
             "mlflow.assistant.panelOpen_v1": "false",
@@ -171,6 +181,7 @@ def take(run_dir: Path, base: str, out: Path, profile: Path) -> None:
         browser.screenshot(out / "mlflow_parent_run.png", 1500)
         if "stage3" in ids:
             browser.open(f"{exp}/runs/{ids['stage3']}/model-metrics", 12)
+            browser.type_into("Search metric charts", "loss")
             browser.screenshot(out / "mlflow_stage3_metrics.png", 1100)
         if "generate" in ids:
             browser.open(f"{exp}/runs/{ids['generate']}/artifacts/samples/sample_0.png")

@@ -182,3 +182,35 @@ def test_generate_is_a_child_run_with_its_audio_and_settings(tmp_path):
     assert files == {f"samples/sample_{i}.{ext}" for i in range(2) for ext in ("wav", "png")}
     parent = client.get_run(parent_of(run_dir)).data
     assert parent.metrics["generate/samples"] == 2
+
+
+def test_gpu_system_metrics_need_cuda_and_pynvml(monkeypatch, capsys):
+    import sys
+
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not tracking.warn_without_gpu_monitor()          # CPU: nothing to ask for
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "pynvml", None)        # not importable
+    assert not tracking.warn_without_gpu_monitor()
+    assert "pip install nvidia-ml-py" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "pynvml", object())    # importable: MLflow's monitor logs GPUs
+    assert tracking.warn_without_gpu_monitor()
+
+
+def test_cuda_memory_figures_go_under_system(monkeypatch):
+    import types
+
+    import torch
+
+    from jobs import telemetry
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda d: {"num_alloc_retries": 2, "num_ooms": 0})
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda d: 3 * 2**20)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: types.SimpleNamespace(total_memory=80 * 2**30))
+    figures = telemetry.cuda_memory(torch.device("cuda", 0))
+    assert figures == {"cuda_peak_reserved_mb": 3.0, "cuda_total_mb": 80 * 1024.0,
+                       "cuda_alloc_retries": 2.0, "cuda_ooms": 0.0}
+    assert {tracking.metric_name(k, "stage3") for k in figures} == {
+        "system/cuda_peak_reserved_mb", "system/cuda_total_mb", "system/cuda_alloc_retries",
+        "system/cuda_ooms"}
