@@ -150,7 +150,7 @@ def format_table(rows: list[dict]) -> str:
 def headline(run_dir: Path) -> dict[str, str]:
     """A run's headline results: stage 3's best validation loss, evaluate's ratios and
     the audit's verdict ("" where a step has not made them)."""
-    out = {"stage3_best_val": "", "diversity": "", "frechet": "", "audit": ""}
+    out = {"stage3_best_val": "", "diversity": "", "frechet": "", "verdict": ""}
     try:
         lines = (run_dir / "stage3" / "metrics.jsonl").read_text().strip().splitlines()
         best = [json.loads(line).get("best_val_loss") for line in lines]
@@ -167,7 +167,7 @@ def headline(run_dir: Path) -> dict[str, str]:
     try:
         for line in (run_dir / "audit" / "reading.txt").read_text().splitlines():
             if line.startswith("verdict:"):
-                out["audit"] = line.split(":", 1)[1].strip()
+                out["verdict"] = line.split(":", 1)[1].strip()
     except OSError:
         pass
     return out
@@ -198,7 +198,7 @@ def sweep_rows(root: Path, name: str) -> list[dict]:
 
 def format_sweep(rows: list[dict]) -> str:
     steps = [s for s in dag.STEPS if any(s in r for r in rows)]
-    cols = ["point", *steps, "stage3_best_val", "diversity", "frechet", "audit"]
+    cols = ["point", *steps, "stage3_best_val", "diversity", "frechet", "verdict"]
     widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in cols}
     lines = ["  ".join(c.upper().ljust(widths[c]) for c in cols)]
     for r in rows:
