@@ -7,36 +7,24 @@ the driver process gets SIGTERM, which it forwards to the running step.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
 from typing import Optional
 
 from pipeline import state
-from pipeline.executor import make_executor
+from pipeline.backends import make_executor
 from pipeline.launch import load_run_config
-from pipeline.run import live_jobs, log
+from pipeline.run import log
 from pipeline.status import find_run
 
 
 def cancel(run_dir) -> list[str]:
     """Cancel what runs; returns the cancelled job ids (or the local driver's pid)."""
     data = state.load(run_dir)
-    if data.get("cluster") == "local":
-        pid = data.get("driver_pid")
-        if pid:
-            try:
-                os.kill(int(pid), signal.SIGTERM)
-                return [f"pid {pid}"]
-            except ProcessLookupError:
-                pass
-        return []
-    executor = make_executor("slurm", load_run_config(run_dir), run_dir)
-    live = live_jobs(executor, data)
-    executor.cancel(list(live.values()))
+    executor = make_executor(data.get("cluster", "local"), load_run_config(run_dir), run_dir)
+    done = executor.cancel_run(data)
     state.update(run_dir, lambda d: d.setdefault("cancelled", []).append(
-        {"at": state.now(), "jobs": live}))
-    return list(live.values())
+        {"at": state.now(), "jobs": done}))
+    return done
 
 
 def main(argv: Optional[list[str]] = None) -> int:

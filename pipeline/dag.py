@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from pipeline import config as config_mod
 from pipeline.schema import Config
@@ -35,6 +35,10 @@ class Step:
     sections: tuple[str, ...]   # dotted config paths hashed into the signature
     module: str                 # entry module (its import closure is the code version)
     kind: str                   # "array" (chunk shards), "data", "train" or "job"
+
+    def num_shards(self, cfg: Config) -> Optional[int]:
+        """How many shards (array tasks) the step runs as; None for a single job."""
+        return cfg.data.num_shards if self.kind == "array" else None
 
 
 STEPS: dict[str, Step] = {s.name: s for s in (

@@ -6,13 +6,12 @@ executor queues it behind its dependencies and returns at once.
 """
 from __future__ import annotations
 
-import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
-from pipeline.schema import Config, Resources
+from pipeline.schema import Resources
 
 T = TypeVar("T")
 
@@ -42,6 +41,13 @@ class Submitted:
 
 class Executor(ABC):
     name: str = ""
+    # True: submit() runs the step to its end before returning (nothing is ever queued,
+    # so no job of another run can be waited on, and the driver closes the MLflow run)
+    synchronous: bool = False
+
+    @classmethod
+    def prestart(cls) -> None:
+        """Start early what the backend needs before its first step (default: nothing)."""
 
     @abstractmethod
     def submit(self, sub: Submission) -> Submitted:
@@ -64,27 +70,15 @@ class Executor(ABC):
         """What would be submitted (for dry runs)."""
         return f"# {self.name}: {sub.step} would run here"
 
+    def cancel_run(self, data: dict) -> list[str]:
+        """Cancel what a run has queued or running (`data` = its pipeline.json); what was
+        cancelled. Default: the steps' live jobs."""
+        ids = [e["job_id"] for e in data.get("steps", {}).values() if e.get("job_id")]
+        found = self.states(ids)
+        live = [j for j in ids if j in found and found[j][0] in LIVE_STATES]
+        self.cancel(live)
+        return live
 
-def resolve_cluster(choice: Optional[str], cfg_executor: str = "auto") -> str:
-    """local or slurm: the explicit choice, else the config's, else slurm if sbatch exists."""
-    pick = choice or cfg_executor
-    if pick in (None, "", "auto"):
-        return "slurm" if shutil.which("sbatch") else "local"
-    if pick not in ("local", "slurm"):
-        raise ValueError(f"cluster must be local, slurm or auto, got '{pick}'")
-    return pick
-
-
-def prestart(name: str) -> None:
-    """Start early what a backend needs before its first step (local: the warm fork server)."""
-    if name == "local":
-        from pipeline.local_executor import start_fork_server
-        start_fork_server()
-
-
-def make_executor(name: str, cfg: Config, run_dir: Path, dry_run: bool = False) -> Executor:
-    if name == "slurm":
-        from pipeline.slurm_executor import SlurmExecutor
-        return SlurmExecutor(cfg, run_dir, dry_run=dry_run)
-    from pipeline.local_executor import LocalExecutor
-    return LocalExecutor(cfg, run_dir, dry_run=dry_run)
+    def lost(self, run_dir: Path, step: str, entry: dict, job: str, live: dict) -> str:
+        """Why a step whose marker says RUNNING runs no more ("" = it may still run)."""
+        return "" if job in live else "the job is gone without a word: killed hard, or a node died"

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from pipeline import state
+from pipeline.driver_lock import driver_alive
 from pipeline.executor import Executor, Submission, Submitted, T
 from pipeline.schema import Config
 
@@ -43,6 +44,11 @@ def start_fork_server() -> Optional[multiprocessing.context.BaseContext]:
 
 class LocalExecutor(Executor):
     name = "local"
+    synchronous = True
+
+    @classmethod
+    def prestart(cls) -> None:
+        start_fork_server()
 
     def __init__(self, cfg: Config, run_dir: Path, dry_run: bool = False) -> None:
         self.cfg, self.run_dir, self.dry_run = cfg, Path(run_dir), dry_run
@@ -127,6 +133,24 @@ class LocalExecutor(Executor):
 
     def cancel(self, job_ids: list[str]) -> None:
         return None
+
+    def cancel_run(self, data: dict) -> list[str]:
+        """A local run is cancelled through its driver: SIGTERM, which it forwards to the
+        step it runs."""
+        pid = data.get("driver_pid")
+        if pid:
+            try:
+                os.kill(int(pid), signal.SIGTERM)
+                return [f"pid {pid}"]
+            except ProcessLookupError:
+                pass
+        return []
+
+    def lost(self, run_dir: Path, step: str, entry: dict, job: str, live: dict) -> str:
+        if driver_alive(run_dir):
+            return ""
+        return (f"driver gone ({entry.get('driver', 'its driver')} no longer runs this run):"
+                f" python -m pipeline.resume --job {step} --run {run_dir}")
 
 
 def _launch_logged(argv: list[str], log: str, env: dict[str, str]) -> None:

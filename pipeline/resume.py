@@ -15,7 +15,7 @@ from typing import Optional
 
 from pipeline import dag, state
 from pipeline.driver_lock import RunBusy, driver_lock
-from pipeline.executor import make_executor
+from pipeline.backends import make_executor
 from pipeline.launch import load_run_config
 from pipeline.run import live_jobs, log, submit_steps
 
@@ -55,7 +55,7 @@ def resume(run_dir: Path, step: str) -> dict[str, str]:
     if step in live:
         log(f"{step}: job {live[step]} is queued or running; nothing to resume")
         return {}
-    shards = cfg.data.num_shards if dag.step(step).kind == "array" else None
+    shards = dag.step(step).num_shards(cfg)
     if state.is_complete(run_dir, step, entry.get("signature", ""), shards):
         log(f"{step}: complete; nothing to resume")
         return {}

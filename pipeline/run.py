@@ -28,8 +28,8 @@ from pipeline import store as store_mod
 from pipeline.config import ConfigError
 from pipeline.preflight import preflight
 from pipeline.driver_lock import RunBusy, driver_identity, driver_lock
-from pipeline.executor import (LIVE_STATES, Executor, Submission, Submitted, make_executor,
-                               prestart, resolve_cluster)
+from pipeline.backends import make_executor, prestart, resolve_cluster
+from pipeline.executor import LIVE_STATES, Executor, Submission, Submitted
 from pipeline.file_lock import file_lock
 from pipeline.schema import Config
 
@@ -109,7 +109,7 @@ def place(cfg: Config, run_dir: Path, step: str, signature: str, num_shards: Opt
 def shared_job(executor: Executor, version: Path, run_dir: Path) -> Optional[str]:
     """The live job of another run that is building this version, if any."""
     claim = store_mod.read_claim(version)
-    if not claim or claim.get("cluster") != executor.name or executor.name == "local":
+    if not claim or claim.get("cluster") != executor.name or executor.synchronous:
         return None
     found = executor.states([claim["job_id"]])
     live = claim["job_id"] in found and found[claim["job_id"]][0] in LIVE_STATES
@@ -131,7 +131,7 @@ def submit_steps(cfg: Config, run_dir: Path, steps: list[str], executor: Executo
     job_of: dict[str, str] = {}
     for name in steps:
         sig, kind = sigs[name], dag.step(name).kind
-        shards = cfg.data.num_shards if kind == "array" else None
+        shards = dag.step(name).num_shards(cfg)
         after = [job_of[u] for u in dag.step(name).upstream if u in job_of]
         forced = name in rerun
         if name in live and (forced or data["steps"].get(name, {}).get("signature") != sig):
@@ -196,7 +196,7 @@ def submit_one(cfg: Config, run_dir: Path, name: str, sig: str, version: Path,
         echo(executor.script(sub))
         return None
     began = time.monotonic()
-    if executor.name == "local":   # recorded before it runs: a killed driver shows
+    if executor.synchronous:   # recorded before it runs: a killed driver shows
         state.record_step(run_dir, name, signature=sig, state="RUNNING", after=after,
                           cluster=executor.name, submitted_at=state.now(), shards=todo,
                           driver=driver_identity(), version=str(version))
@@ -206,7 +206,7 @@ def submit_one(cfg: Config, run_dir: Path, name: str, sig: str, version: Path,
                       array_tasks=done.array_tasks, after=after, cluster=executor.name,
                       submitted_at=state.now(), shards=todo, reason=done.reason,
                       version=str(version))
-    log(f"{name}: {'ran' if executor.name == 'local' else 'submitted'} as job {done.job_id}"
+    log(f"{name}: {'ran' if executor.synchronous else 'submitted'} as job {done.job_id}"
         f"{' after ' + ','.join(after) if after else ''} -> {done.state}"
         f" ({time.monotonic() - began:.1f} s)")
     return done
@@ -343,14 +343,14 @@ def main(argv: Optional[list[str]] = None) -> int:
               "overrides": " ".join(args.overrides)}
     try:
         with driver_lock(run_dir):
-            return drive(cfg, run_dir, executor, steps, args, params, cluster)
+            return drive(cfg, run_dir, executor, steps, args, params)
     except RunBusy as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
 def drive(cfg: Config, run_dir: Path, executor: Executor, steps: list[str],
-          args: argparse.Namespace, params: dict, cluster: str) -> int:
+          args: argparse.Namespace, params: dict) -> int:
     """Prepare the run, submit (or run) its steps and report; the caller holds the lock."""
     began = time.monotonic()
     try:
@@ -359,17 +359,17 @@ def drive(cfg: Config, run_dir: Path, executor: Executor, steps: list[str],
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    log(f"{args.target}: {len(jobs)} step(s) {'run' if cluster == 'local' else 'queued'} in "
+    log(f"{args.target}: {len(jobs)} step(s) {'run' if executor.synchronous else 'queued'} in "
         f"{time.monotonic() - began:.1f} s; run folder {run_dir}")
     ended = state.load(run_dir)["steps"]
     failed = [s for s in jobs if ended[s].get("state") in ("FAILED", "CANCELLED")]
-    if cluster == "local":
+    if executor.synchronous:   # every step has ended: the driver closes the parent run
         finish_parent(cfg, run_dir, executor, not failed)
     if failed:
         return 1
-    if cluster == "slurm":
+    if not executor.synchronous:
         print(f"watch: python -m pipeline.status --run {run_dir}")
-    if cluster == "local" and "encode" in steps:
+    elif "encode" in steps:
         data_report(run_dir)
     if args.target == "demo":
         demo_report(cfg, run_dir)

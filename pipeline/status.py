@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline import dag, state
-from pipeline.driver_lock import driver_alive
-from pipeline.executor import LIVE_STATES, make_executor
+from pipeline.backends import make_executor
+from pipeline.executor import LIVE_STATES
 
 
 def find_run(run: Optional[str], root: str = "runs") -> Path:
@@ -102,7 +102,7 @@ def step_rows(run_dir: Path) -> list[dict]:
         if entry is None:
             continue
         sig = entry.get("signature", "")
-        shards = cfg.data.num_shards if dag.step(name).kind == "array" else None
+        shards = dag.step(name).num_shards(cfg)
         marks = [m for m in state.markers(run_dir, name, shards) if m]
         job = entry.get("job_id", "")
         st, elapsed, note = "", "", ""
@@ -114,8 +114,6 @@ def step_rows(run_dir: Path) -> list[dict]:
         elif st in ("", "COMPLETED") and marks:
             worst = [m for m in marks if m["state"] != "COMPLETED"]
             st = worst[0]["state"] if worst else "COMPLETED"
-            if st == "RUNNING" and cluster == "slurm" and job not in live:
-                st = "LOST"   # the job is gone without a word: killed hard, or a node died
         elif not st:
             st = entry.get("state") or "NOT RUN"
         if not elapsed and marks:
@@ -127,10 +125,10 @@ def step_rows(run_dir: Path) -> list[dict]:
             note = reasons[0]
         if st in ("FAILED", "LOST") and not note:   # e.g. a launcher that died before its marker
             note = gate_note(run_dir, name)
-        if st == "RUNNING" and cluster == "local" and not driver_alive(run_dir):
-            st = "LOST"
-            note = (f"driver gone ({entry.get('driver', 'its driver')} no longer runs this run):"
-                    f" python -m pipeline.resume --job {name} --run {run_dir}")
+        if st == "RUNNING" and job not in live:   # the marker says running; does it?
+            why = executor.lost(run_dir, name, entry, job, live)
+            if why:
+                st, note = "LOST", note or gate_note(run_dir, name) or why
         if "DependencyNeverSatisfied" in note:
             note = "an upstream step failed: this job never starts (pipeline.resume re-submits it)"
         rows.append({"step": name, "job": job, "state": st, "elapsed": elapsed,

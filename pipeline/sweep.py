@@ -26,7 +26,7 @@ from pipeline import config as config_mod
 from pipeline import dag
 from pipeline.atomic import atomic_write_json
 from pipeline.config import ConfigError
-from pipeline.executor import resolve_cluster
+from pipeline.backends import resolve_cluster
 
 GRID_DIR = Path(__file__).resolve().parent.parent / "configs" / "grids"
 GRID_KEYS = {"name", "experiment", "target", "overrides", "product", "zip"}
