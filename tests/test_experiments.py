@@ -92,7 +92,7 @@ def test_sweep_runs_every_point_sharing_upstream_steps_and_status_shows_one_tabl
     assert table.returncode == 0, table.stderr
     lines = table.stdout.strip().splitlines()
     assert len(lines) == 4 and "stage1.lr=0.001" in lines[2] and "stage1.lr=0.002" in lines[3]
-    assert all(" done " in line for line in lines[2:])
+    assert all(line.split().count("done") == 4 for line in lines[2:]), table.stdout
 
 
 def test_gc_lists_the_versions_no_run_uses(root):
