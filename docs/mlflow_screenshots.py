@@ -28,10 +28,12 @@ from typing import Any
 MLFLOW = Path(sys.executable).parent / "mlflow"
 WIDTH, HEIGHT = 1500, 950
 # the runs table's columns: headline params, each stage's results, evaluation, audit
-COLUMNS = ["tags.`sweep.point`", "params.`stage3.lr`", "params.`model.d_model`",
-           "metrics.`stage1/best_val_loss`", "metrics.`stage3/best_val_loss`",
-           "metrics.`eval/frechet_ratio`", "metrics.`eval/diversity_ratio`",
-           "tags.`audit.verdict`"]
+# (stage 3's best val loss is often its first epoch, D pre-training: its last one says more)
+WIDTHS = {"tags.`sweep.point`": 130, "params.`stage3.lr`": 80,
+          "metrics.`stage1/best_val_loss`": 125, "metrics.`stage3/last_val_loss`": 125,
+          "metrics.`eval/frechet_ratio`": 115, "metrics.`eval/diversity_ratio`": 120,
+          "tags.`audit.verdict`": 100}
+COLUMNS = list(WIDTHS)
 
 
 class Browser:
@@ -156,7 +158,7 @@ def ui_settings(experiment: str, parent: str) -> dict[str, str]:
     """localStorage entries of MLflow 3.x's UI: training view, assistant closed, the
     headline columns chosen, the parent run expanded to show its steps."""
     page = {"selectedColumns": COLUMNS, "runsExpanded": {parent: True},
-            "columnWidths": {column: 150 for column in COLUMNS},
+            "columnOrder": COLUMNS, "columnWidths": WIDTHS,
             "orderByKey": "attributes.start_time", "orderByAsc": False}
     return {"mlflow.workflowType_v1": json.dumps("machine_learning"),
             "mlflow.assistant.panelOpen_v1": "false",
@@ -182,7 +184,7 @@ def take(run_dir: Path, base: str, out: Path, profile: Path) -> None:
         if "stage3" in ids:
             browser.open(f"{exp}/runs/{ids['stage3']}/model-metrics", 12)
             browser.type_into("Search metric charts", "loss")
-            browser.screenshot(out / "mlflow_stage3_metrics.png", 1100)
+            browser.screenshot(out / "mlflow_stage3_metrics.png", 1400)
         if "generate" in ids:
             browser.open(f"{exp}/runs/{ids['generate']}/artifacts/samples/sample_0.png")
             browser.screenshot(out / "mlflow_generate_artifacts.png", 700)

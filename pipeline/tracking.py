@@ -160,7 +160,8 @@ def log_parent_results(cfg: Config, run_dir: Path, metrics: dict, tags: dict) ->
     client = mlflow.MlflowClient()
     parent = ensure_parent_run(cfg, run_dir)
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
+    # 4 decimals: a headline, readable in the runs table; the step runs keep every digit
+    batch = [Metric(k, round(float(v), 4), now, 0) for k, v in metrics.items() if v is not None]
     if batch:
         client.log_batch(parent, metrics=batch)
     for key, value in tags.items():
