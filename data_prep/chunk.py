@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.corpus import ensure_corpus
-from data_prep.decode import AUDIO_EXTS, AudioError, iter_blocks, probe
+from data_prep.decode import AUDIO_EXTS, AudioError, decode_recovering, probe
 from pipeline.atomic import atomic_path, atomic_write_json, atomic_write_text
 from pipeline.config import ConfigError, load_resolved, write_resolved
 from pipeline.schema import Config
@@ -279,8 +279,11 @@ def process_file(job: tuple) -> tuple[dict, bool]:
                    channels=info.channels)
         if info.duration_s < spec.min_seconds:
             raise NoChunks(f"too short: {info.duration_s:.2f} s < min_seconds {spec.min_seconds:g}")
-        blocks = iter_blocks(path, spec.sample_rate, spec.channels, spec.block_seconds, info)
-        rec["chunks"], decoded, rec["positions"] = write_song(blocks, spec, out)
+        (rec["chunks"], decoded, rec["positions"]), recovered = decode_recovering(
+            info, lambda blocks: write_song(blocks, spec, out), spec.sample_rate,
+            spec.channels, spec.block_seconds)
+        if recovered is not None:  # status stays ok: the song is usable
+            rec.update(recovered=recovered.record(), reason=recovered.note())
         if not spec.max_chunks or rec["chunks"] < spec.max_chunks:
             rec["duration_s"] = round(decoded / spec.sample_rate, 3)
         rec.update(array=f"songs/{out.name}", status="ok")

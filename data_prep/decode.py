@@ -1,17 +1,20 @@
 """Streaming audio decode: file -> blocks of [channels, n] float32 at the target rate.
 
 libsndfile (through soundfile) reads mp3, wav, flac and ogg in blocks; ffmpeg, streaming
-raw samples through a pipe, is the fallback for what libsndfile cannot read (m4a, aac).
+raw samples through a pipe, is the fallback for what libsndfile cannot read (m4a, aac,
+and damaged files: ffmpeg resynchronises past garbage, libsndfile gives up there).
 Resampling uses soxr's streaming resampler, so memory stays flat with file length.
 """
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Optional, TypeVar
 
 import numpy as np
 import soundfile as sf
@@ -44,6 +47,7 @@ class AudioInfo:
     channels: int
     frames: int          # as reported by the container (mp3: libsndfile's count)
     backend: str         # "soundfile" or "ffmpeg"
+    sndfile_error: str = ""  # why libsndfile could not open it, when ffmpeg reads it instead
 
     @property
     def duration_s(self) -> float:
@@ -80,10 +84,10 @@ def _ffprobe(path: Path) -> AudioInfo:
                           "stream=sample_rate,channels,duration", "-of", "json", str(path)],
                          capture_output=True, text=True)
     streams = json.loads(out.stdout or "{}").get("streams", [])
-    if out.returncode or not streams:
+    st = streams[0] if streams else {}
+    rate = int(st.get("sample_rate") or 0)
+    if out.returncode or not rate or not st.get("channels"):
         raise DecodeError(f"decode error: ffprobe found no audio stream: {out.stderr.strip()[:200]}")
-    st = streams[0]
-    rate = int(st["sample_rate"])
     return AudioInfo(path, rate, int(st["channels"]),
                      int(float(st.get("duration", 0)) * rate), "ffmpeg")
 
@@ -97,12 +101,34 @@ def probe(path: Path) -> AudioInfo:
     try:
         info = sf.info(str(path))
     except (sf.LibsndfileError, RuntimeError) as exc:
-        raise DecodeError(f"decode error: libsndfile cannot open it as audio, corrupt or "
-                          f"unsupported ({exc})") from None
+        why = f"libsndfile cannot open it as audio, corrupt or unsupported ({exc})"
+        try:  # ffmpeg may still find frames in a damaged file
+            return replace(_ffprobe(path), sndfile_error=why)
+        except DecodeError:
+            raise DecodeError(f"decode error: {why}") from None
     return AudioInfo(path, int(info.samplerate), int(info.channels), int(info.frames), "soundfile")
 
 
-def _native_blocks(info: AudioInfo, block: int) -> Iterator[np.ndarray]:
+@dataclass
+class Recovery:
+    """Damage a decode got past: seconds lost (None: not measured), where, and how."""
+    lost_s: Optional[float]
+    at_s: float
+    decoder: str
+    cause: str
+
+    def record(self) -> dict:
+        """The manifest's `recovered` field."""
+        lost = None if self.lost_s is None else round(self.lost_s, 2)
+        return {"lost_s": lost, "at_s": round(self.at_s, 2), "decoder": self.decoder}
+
+    def note(self) -> str:
+        """A readable one-liner for the manifest's `reason`."""
+        lost = "loss not measured" if self.lost_s is None else f"{self.lost_s:.1f} s lost"
+        return f"recovered: {lost} at {self.at_s:.1f} s ({self.cause})"
+
+
+def _native_blocks(info: AudioInfo, block: int, log: Optional[dict] = None) -> Iterator[np.ndarray]:
     """[n, channels] float32 blocks at the file's own rate."""
     if info.backend == "soundfile":
         try:
@@ -115,28 +141,61 @@ def _native_blocks(info: AudioInfo, block: int) -> Iterator[np.ndarray]:
         except (sf.LibsndfileError, RuntimeError) as exc:
             raise DecodeError(f"decode error: {exc}") from None
     else:
-        yield from _ffmpeg_blocks(info, block)
+        yield from _ffmpeg_blocks(info, block, log)
 
 
-def _ffmpeg_blocks(info: AudioInfo, block: int) -> Iterator[np.ndarray]:
+PIPE_READ = 1 << 16  # bytes per pipe read: the error position is known to about this much
+
+
+def _ffmpeg_blocks(info: AudioInfo, block: int, log: Optional[dict] = None) -> Iterator[np.ndarray]:
+    """[n, channels] float32 blocks from ffmpeg; `log` gets its error messages and the frame
+    count that had come out when the first one was printed (see _watch_errors)."""
     cmd = ["ffmpeg", "-v", "error", "-nostdin", "-i", str(info.path), "-f", "f32le",
            "-acodec", "pcm_f32le", "-ac", str(info.channels), "-ar", str(info.sample_rate), "-"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = {} if log is None else log
+    log.update(bytes=0, errors=[], error_at=None)
+    watcher = threading.Thread(target=_watch_errors, args=(proc.stderr, log), daemon=True)
+    watcher.start()
     frame_bytes = 4 * info.channels
+    buf = bytearray()
     try:
         while True:
-            raw = proc.stdout.read(block * frame_bytes)
-            if not raw:
+            piece = proc.stdout.read1(PIPE_READ)
+            buf += piece
+            log["bytes"] += len(piece)
+            if len(buf) >= block * frame_bytes or (not piece and len(buf) >= frame_bytes):
+                usable = len(buf) - len(buf) % frame_bytes
+                data = np.frombuffer(buf, np.float32, count=usable // 4).copy()
+                del buf[:usable]
+                yield data.reshape(-1, info.channels)
+            if not piece:
                 break
-            usable = len(raw) - len(raw) % frame_bytes
-            yield np.frombuffer(raw[:usable], np.float32).reshape(-1, info.channels)
     finally:
         proc.stdout.close()
-        err = proc.stderr.read().decode(errors="replace")
-        proc.stderr.close()
         code = proc.wait()
+        watcher.join()
+        proc.stderr.close()
+    frames = log["bytes"] // frame_bytes
+    first = log["errors"][0] if log["errors"] else "no message"
+    if not frames:
+        raise DecodeError(f"decode error: at 0.0 s: ffmpeg found nothing decodable: {first}")
     if code:
-        raise DecodeError(f"decode error: ffmpeg: {err.strip()[:200]}")
+        raise DecodeError(f"decode error: at {frames / info.sample_rate:.1f} s: ffmpeg stopped "
+                          f"(exit code {code}): {first}")
+
+
+def _watch_errors(stream, log: dict) -> None:
+    """Read ffmpeg's stderr: keep its first messages (without the decoder's address) and note
+    how many output bytes had been read when the first one came."""
+    for line in stream:
+        text = re.sub(r" @ 0x[0-9a-f]+", "", line.decode(errors="replace")).strip()
+        if not text:
+            continue
+        if log["error_at"] is None:
+            log["error_at"] = log["bytes"]
+        if len(log["errors"]) < 5:
+            log["errors"].append(text[:200])
 
 
 def to_channels(data: np.ndarray, channels: int) -> np.ndarray:
@@ -152,15 +211,16 @@ def to_channels(data: np.ndarray, channels: int) -> np.ndarray:
 
 
 def iter_blocks(path: Path, sample_rate: int, channels: int, block_seconds: float,
-                info: AudioInfo | None = None) -> Iterator[np.ndarray]:
-    """Decode `path` in blocks of about block_seconds, as [channels, n] float32 at sample_rate."""
+                info: AudioInfo | None = None, log: Optional[dict] = None) -> Iterator[np.ndarray]:
+    """Decode `path` in blocks of about block_seconds, as [channels, n] float32 at sample_rate;
+    `log` collects ffmpeg's errors when ffmpeg decodes."""
     info = info or probe(Path(path))
     block = max(1, int(block_seconds * info.sample_rate))
     stream = None
     if info.sample_rate != sample_rate:
         stream = soxr.ResampleStream(info.sample_rate, sample_rate, channels,
                                      dtype="float32", quality="HQ")
-    for data in _native_blocks(info, block):
+    for data in _native_blocks(info, block, log):
         data = to_channels(data, channels)
         if stream is not None:
             data = _resample(stream, data, last=False)
@@ -177,3 +237,56 @@ def _resample(stream: soxr.ResampleStream, data: np.ndarray, last: bool) -> np.n
     if data.shape[1] == 1:
         return stream.resample_chunk(np.ascontiguousarray(data[:, 0]), last=last)[:, None]
     return stream.resample_chunk(np.ascontiguousarray(data), last=last)
+
+
+T = TypeVar("T")
+
+
+def _counted(blocks: Iterator[np.ndarray], count: dict) -> Iterator[np.ndarray]:
+    """Pass blocks on, counting their samples; count["done"] says the stream ran to its end."""
+    count.update(samples=0, done=False)
+    for data in blocks:
+        count["samples"] += data.shape[1]
+        yield data
+    count["done"] = True
+
+
+def decode_recovering(info: AudioInfo, consume: Callable[[Iterator[np.ndarray]], T],
+                      sample_rate: int, channels: int,
+                      block_seconds: float) -> tuple[T, Optional[Recovery]]:
+    """consume(the file's blocks); if libsndfile fails part way, consume again from the start
+    through ffmpeg, which resynchronises past damage. Returns consume's result and what was
+    lost (None: a clean decode). consume must start over cleanly (write atomically)."""
+    count: dict = {}
+    cause, stopped_s = info.sndfile_error, None
+    if info.backend == "soundfile":
+        try:
+            blocks = iter_blocks(info.path, sample_rate, channels, block_seconds, info)
+            return consume(_counted(blocks, count)), None
+        except DecodeError as exc:
+            stopped_s = count.get("samples", 0) / sample_rate
+            cause = f"libsndfile: {str(exc).removeprefix('decode error: ')}"
+            if shutil.which("ffmpeg") is None:
+                raise DecodeError(f"decode error: at {stopped_s:.1f} s: {cause} (ffmpeg, which "
+                                  "could decode the rest, is not installed)") from None
+            info = replace(info, backend="ffmpeg")
+    log: dict = {}
+    try:
+        result = consume(_counted(iter_blocks(info.path, sample_rate, channels, block_seconds,
+                                              info, log), count))
+    except DecodeError as exc:
+        raise DecodeError(f"{exc}" + (f"; {cause}" if cause else "")) from None
+    if not log["errors"] and stopped_s is None:
+        return result, None
+    lost = max(0.0, info.duration_s - count["samples"] / sample_rate) if count["done"] else None
+    return result, _recovery(info, log, lost, cause, stopped_s)
+
+
+def _recovery(info: AudioInfo, log: dict, lost: Optional[float], cause: str,
+              stopped_s: Optional[float]) -> Recovery:
+    """Where the ffmpeg pass lost audio: at its first error message, else where libsndfile
+    stopped."""
+    if not log["errors"]:
+        return Recovery(lost, stopped_s or 0.0, "ffmpeg", f"{cause}; ffmpeg reported nothing")
+    at_s = log["error_at"] // (4 * info.channels) / info.sample_rate
+    return Recovery(lost, at_s, "ffmpeg", f"{cause}; ffmpeg: {log['errors'][0]}".lstrip("; "))

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from data_prep.decode import DecodeError, NotAudioError, iter_blocks, probe
+from data_prep.chunk import ChunkSpec, process_file
+from data_prep.corpus import encode_mp3, song
+from data_prep.decode import DecodeError, NotAudioError, decode_recovering, iter_blocks, probe
 
 
 def decode_all(path: Path, sr: int, channels: int, block_seconds: float = 1.0) -> np.ndarray:
@@ -64,8 +66,8 @@ def test_bad_files_raise_with_a_status(tmp_path, demo_corpus):
     with pytest.raises(NotAudioError, match="not audio") as text:
         probe(tmp_path / "text.mp3")
     assert empty.value.status == text.value.status == "skipped"
-    with pytest.raises(DecodeError, match="decode error") as corrupt:
-        probe(tmp_path / "corrupt.mp3")
+    with pytest.raises(DecodeError, match="decode error: libsndfile cannot open") as corrupt:
+        probe(tmp_path / "corrupt.mp3")          # ffprobe finds no sample rate either
     assert corrupt.value.status == "failed"
 
 
@@ -91,3 +93,59 @@ def test_libsndfile_formats_decode_in_blocks(tmp_path, ext, fmt):
     assert (info.sample_rate, info.channels, info.backend) == (sr, 2, "soundfile")
     audio = decode_all(path, 24000, 1, block_seconds=0.5)
     assert audio.shape == (1, 3 * 24000) and 0.3 < np.abs(audio).max() < 0.5
+
+
+SR = 44100
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory) -> tuple[Path, float, np.ndarray]:
+    """A 12 s corpus song as mp3 with 20 kB of random bytes from its middle byte on; returns
+    the path, where the damage starts (s, from the byte offset) and the clean decode."""
+    folder = tmp_path_factory.mktemp("damaged")
+    data = bytearray(encode_mp3(song(7, 0, 12.0, SR), SR))
+    (folder / "clean.mp3").write_bytes(data)
+    start = len(data) // 2
+    data[start:start + 20_000] = np.random.default_rng(0).bytes(20_000)
+    (folder / "damaged.mp3").write_bytes(data)
+    clean = np.concatenate(list(iter_blocks(folder / "clean.mp3", 24000, 1, 1.0)), axis=1)[0]
+    return folder / "damaged.mp3", 12.0 * start / len(data), clean
+
+
+def test_libsndfile_gives_up_on_damage_that_ffmpeg_gets_past(damaged):
+    path, damage_s, clean = damaged
+    with pytest.raises(DecodeError):
+        list(iter_blocks(path, 24000, 1, 1.0))           # libsndfile alone: all lost
+    audio, recovery = decode_recovering(probe(path), lambda blocks: np.concatenate(
+        list(blocks), axis=1)[0], 24000, 1, 1.0)
+    seconds = len(audio) / 24000
+    assert 0.8 * 12.0 <= seconds < 12.0                  # most of it, and nothing twice
+    assert recovery.decoder == "ffmpeg" and recovery.lost_s == pytest.approx(12.0 - seconds, abs=0.01)
+    assert recovery.at_s == pytest.approx(damage_s, abs=0.4)
+    head = int((damage_s - 0.5) * 24000)                 # before the damage: the clean audio
+    assert np.abs(audio[:head] - clean[:head]).max() < 1e-3
+    assert recovery.note().startswith(f"recovered: {recovery.lost_s:.1f} s lost at ")
+
+
+def test_the_manifest_line_of_a_damaged_song_says_what_was_lost_and_where(damaged, tmp_path):
+    path, damage_s, _ = damaged
+    spec = ChunkSpec(24000, 1, 2 * 24000, "drop", 1.0, None, 0, "float32", 30.0, "test")
+    rec, _ = process_file((path, path.name, spec, tmp_path, None))
+    assert rec["status"] == "ok" and rec["chunks"] == int(rec["duration_s"] // 2) >= 4
+    lost = rec["recovered"]
+    assert lost["decoder"] == "ffmpeg" and 0 < lost["lost_s"] < 2.4
+    assert lost["lost_s"] == pytest.approx(12.0 - rec["duration_s"], abs=0.05)
+    assert lost["at_s"] == pytest.approx(damage_s, abs=0.4)
+    assert rec["reason"].startswith(f"recovered: {lost['lost_s']:.1f} s lost at {lost['at_s']:.1f} s")
+    assert np.load(tmp_path / rec["array"].split("/")[1]).shape == (rec["chunks"], 1, 48000)
+    assert [p.name for p in tmp_path.iterdir()] == [rec["array"].split("/")[1]]  # no temp left
+
+
+def test_a_file_of_garbage_fails_with_the_decoders_reason(tmp_path):
+    path = tmp_path / "garbage.mp3"                      # an mp3 frame header, then noise
+    path.write_bytes(b"\xff\xfb\x90\x64" + np.random.default_rng(4).bytes(200_000))
+    spec = ChunkSpec(24000, 1, 2 * 24000, "drop", 1.0, None, 0, "float32", 30.0, "test")
+    rec, _ = process_file((path, path.name, spec, tmp_path, None))
+    assert rec["status"] == "failed" and "recovered" not in rec
+    assert rec["reason"].startswith("decode error: at 0.0 s: ffmpeg found nothing decodable: ")
+    assert "libsndfile" in rec["reason"] and not list(tmp_path.glob("*.npy*"))
