@@ -251,29 +251,54 @@ def _counted(blocks: Iterator[np.ndarray], count: dict) -> Iterator[np.ndarray]:
     count["done"] = True
 
 
+SHORT_S = 0.5  # a libsndfile decode this much shorter than its header's length ended early
+
+
 def decode_recovering(info: AudioInfo, consume: Callable[[Iterator[np.ndarray]], T],
                       sample_rate: int, channels: int,
                       block_seconds: float) -> tuple[T, Optional[Recovery]]:
-    """consume(the file's blocks); if libsndfile fails part way, consume again from the start
-    through ffmpeg, which resynchronises past damage. Returns consume's result and what was
-    lost (None: a clean decode). consume must start over cleanly (write atomically)."""
+    """consume(the file's blocks); if libsndfile fails or ends early, consume again from the
+    start through ffmpeg, which resynchronises past damage. Returns consume's result and what
+    was lost (None: a clean decode). consume must start over cleanly (write atomically)."""
     count: dict = {}
-    cause, stopped_s = info.sndfile_error, None
-    if info.backend == "soundfile":
-        try:
-            blocks = iter_blocks(info.path, sample_rate, channels, block_seconds, info)
-            return consume(_counted(blocks, count)), None
-        except DecodeError as exc:
-            stopped_s = count.get("samples", 0) / sample_rate
-            cause = f"libsndfile: {str(exc).removeprefix('decode error: ')}"
-            if shutil.which("ffmpeg") is None:
-                raise DecodeError(f"decode error: at {stopped_s:.1f} s: {cause} (ffmpeg, which "
-                                  "could decode the rest, is not installed)") from None
-            info = replace(info, backend="ffmpeg")
+
+    def run(info: AudioInfo, log: Optional[dict] = None) -> T:
+        return consume(_counted(iter_blocks(info.path, sample_rate, channels, block_seconds,
+                                            info, log), count))
+
+    if info.backend != "soundfile":
+        return _ffmpeg_pass(info, run, count, sample_rate, info.sndfile_error, None)
+    try:
+        result = run(info)
+    except DecodeError as exc:
+        stopped_s = count.get("samples", 0) / sample_rate
+        cause = f"libsndfile: {str(exc).removeprefix('decode error: ')}"
+        if shutil.which("ffmpeg") is None:
+            raise DecodeError(f"decode error: at {stopped_s:.1f} s: {cause} (ffmpeg, which "
+                              "could decode the rest, is not installed)") from None
+        return _ffmpeg_pass(replace(info, backend="ffmpeg"), run, count, sample_rate, cause,
+                            stopped_s)
+    stopped_s = count["samples"] / sample_rate
+    short_s = info.duration_s - stopped_s if count["done"] else 0.0
+    if short_s <= SHORT_S:
+        return result, None
+    cause = f"libsndfile ended {short_s:.1f} s before its header's length"
+    try:
+        if shutil.which("ffmpeg") is None:
+            raise DecodeError(f"ffmpeg is not installed; {cause}")
+        return _ffmpeg_pass(replace(info, backend="ffmpeg"), run, count, sample_rate, cause,
+                            stopped_s)
+    except DecodeError as exc:  # libsndfile's result stays (consume writes atomically)
+        return result, Recovery(short_s, stopped_s, "libsndfile",
+                                str(exc).removeprefix("decode error: "))
+
+
+def _ffmpeg_pass(info: AudioInfo, run: Callable[..., T], count: dict, sample_rate: int,
+                 cause: str, stopped_s: Optional[float]) -> tuple[T, Optional[Recovery]]:
+    """run() through ffmpeg; a Recovery if ffmpeg reported errors or libsndfile gave up."""
     log: dict = {}
     try:
-        result = consume(_counted(iter_blocks(info.path, sample_rate, channels, block_seconds,
-                                              info, log), count))
+        result = run(info, log)
     except DecodeError as exc:
         raise DecodeError(f"{exc}" + (f"; {cause}" if cause else "")) from None
     if not log["errors"] and stopped_s is None:

@@ -99,17 +99,28 @@ SR = 44100
 
 
 @pytest.fixture(scope="module")
-def damaged(tmp_path_factory) -> tuple[Path, float, np.ndarray]:
-    """A 12 s corpus song as mp3 with 20 kB of random bytes from its middle byte on; returns
-    the path, where the damage starts (s, from the byte offset) and the clean decode."""
-    folder = tmp_path_factory.mktemp("damaged")
-    data = bytearray(encode_mp3(song(7, 0, 12.0, SR), SR))
-    (folder / "clean.mp3").write_bytes(data)
-    start = len(data) // 2
-    data[start:start + 20_000] = np.random.default_rng(0).bytes(20_000)
-    (folder / "damaged.mp3").write_bytes(data)
-    clean = np.concatenate(list(iter_blocks(folder / "clean.mp3", 24000, 1, 1.0)), axis=1)[0]
-    return folder / "damaged.mp3", 12.0 * start / len(data), clean
+def clean_mp3(tmp_path_factory) -> tuple[bytes, np.ndarray]:
+    """A 12 s corpus song as mp3 bytes, and its clean decode (mono, 24 kHz)."""
+    path = tmp_path_factory.mktemp("clean") / "clean.mp3"
+    path.write_bytes(encode_mp3(song(7, 0, 12.0, SR), SR))
+    return path.read_bytes(), np.concatenate(list(iter_blocks(path, 24000, 1, 1.0)), axis=1)[0]
+
+
+def with_garbage(data: bytes, start: int, seed: int, size: int = 20_000) -> bytes:
+    """`data` with `size` random bytes from byte `start` on."""
+    out = bytearray(data)
+    out[start:start + size] = np.random.default_rng(seed).bytes(size)
+    return bytes(out)
+
+
+@pytest.fixture(scope="module")
+def damaged(clean_mp3, tmp_path_factory) -> tuple[Path, float, np.ndarray]:
+    """The song with 20 kB of garbage from its middle byte on: path, where the damage starts
+    (s, from the byte offset) and the clean decode."""
+    data, clean = clean_mp3
+    path = tmp_path_factory.mktemp("damaged") / "damaged.mp3"
+    path.write_bytes(with_garbage(data, len(data) // 2, seed=0))
+    return path, 12.0 * (len(data) // 2) / len(data), clean
 
 
 def test_libsndfile_gives_up_on_damage_that_ffmpeg_gets_past(damaged):
@@ -149,3 +160,26 @@ def test_a_file_of_garbage_fails_with_the_decoders_reason(tmp_path):
     assert rec["status"] == "failed" and "recovered" not in rec
     assert rec["reason"].startswith("decode error: at 0.0 s: ffmpeg found nothing decodable: ")
     assert "libsndfile" in rec["reason"] and not list(tmp_path.glob("*.npy*"))
+
+
+def test_libsndfile_ending_early_without_an_error_is_caught(clean_mp3, tmp_path):
+    data, _ = clean_mp3
+    path = tmp_path / "quiet.mp3"
+    path.write_bytes(with_garbage(data, len(data) // 4, seed=3))
+    alone = np.concatenate(list(iter_blocks(path, 24000, 1, 1.0)), axis=1)
+    assert alone.shape[1] < 4 * 24000                   # libsndfile: end of file at ~3 s
+    seconds, recovery = decode_recovering(probe(path), lambda blocks: sum(
+        b.shape[1] for b in blocks) / 24000, 24000, 1, 1.0)
+    assert seconds >= 0.8 * 12.0 and recovery.at_s == pytest.approx(3.0, abs=0.4)
+
+
+def test_a_cut_off_file_keeps_what_it_has_and_says_what_is_missing(clean_mp3, tmp_path):
+    data, clean = clean_mp3
+    path = tmp_path / "cut.mp3"
+    path.write_bytes(data[:len(data) // 2])             # the header still says 12 s
+    audio, recovery = decode_recovering(probe(path), lambda blocks: np.concatenate(
+        list(blocks), axis=1)[0], 24000, 1, 1.0)
+    assert len(audio) / 24000 == pytest.approx(6.0, abs=0.3)
+    assert np.abs(audio[:5 * 24000] - clean[:5 * 24000]).max() < 1e-3
+    assert recovery.lost_s == pytest.approx(6.0, abs=0.3)
+    assert recovery.at_s == pytest.approx(6.0, abs=0.3)
