@@ -357,13 +357,17 @@ def reason_kind(reason: str) -> str:
 
 def count_records(records: list[dict]) -> dict:
     """Files ok/skipped/failed, reasons, hours of audio and chunks of a list of records."""
-    out = {"files": len(records), "ok": 0, "skipped": 0, "failed": 0, "chunks": 0,
-           "audio_hours": 0.0, "reasons": {}, "problems": []}
+    out = {"files": len(records), "ok": 0, "skipped": 0, "failed": 0, "recovered": 0,
+           "chunks": 0, "audio_hours": 0.0, "reasons": {}, "problems": []}
     for rec in records:
         out[rec["status"]] += 1
         if rec["status"] == "ok":
             out["chunks"] += rec["chunks"]
             out["audio_hours"] += rec["duration_s"] / 3600
+            if rec.get("recovered"):   # usable, but part of it was lost: the user should know
+                out["recovered"] += 1
+                out["problems"].append({"source": rec["source"], "status": "recovered",
+                                        "reason": rec["reason"]})
         else:
             kind = f"{rec['status']}: {reason_kind(rec['reason'])}"
             out["reasons"][kind] = out["reasons"].get(kind, 0) + 1
@@ -382,7 +386,8 @@ def summarize(run_dir: Path) -> dict:
 def format_summary(summary: dict) -> str:
     """A few human lines: counts, hours, chunks, and each problem file with its reason."""
     lines = [f"files: {summary['files']}  ok: {summary['ok']}  skipped: {summary['skipped']}  "
-             f"failed: {summary['failed']}  audio: {summary['audio_hours']:.3f} h  "
+             f"failed: {summary['failed']}  recovered: {summary.get('recovered', 0)}  "
+             f"audio: {summary['audio_hours']:.3f} h  "
              f"chunks: {summary['chunks']}"]
     lines += [f"  {p['status']}: {p['source']}: {p['reason']}" for p in summary["problems"]]
     return "\n".join(lines)

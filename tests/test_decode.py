@@ -185,3 +185,16 @@ def test_a_cut_off_file_keeps_what_it_has_and_says_what_is_missing(clean_mp3, tm
     assert np.abs(audio[:5 * 24000] - clean[:5 * 24000]).max() < 1e-3
     assert recovery.lost_s == pytest.approx(6.0, abs=0.3)
     assert recovery.at_s == pytest.approx(6.0, abs=0.3)
+
+
+def test_the_chunk_summary_counts_and_lists_recovered_songs(damaged, tmp_path):
+    from data_prep.chunk import count_records, format_summary
+    path, _, _ = damaged
+    spec = ChunkSpec(24000, 1, 2 * 24000, "drop", 1.0, None, 0, "float32", 30.0, "test")
+    rec, _ = process_file((path, path.name, spec, tmp_path, None))
+    summary = count_records([rec])
+    assert summary["ok"] == summary["recovered"] == 1 and summary["failed"] == 0
+    assert summary["problems"] == [{"source": rec["source"], "status": "recovered",
+                                    "reason": rec["reason"]}]
+    text = format_summary(summary)
+    assert "recovered: 1" in text and f"recovered: {path}: recovered: " in text
