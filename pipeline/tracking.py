@@ -168,6 +168,13 @@ def log_parent_results(cfg: Config, run_dir: Path, metrics: dict, tags: dict) ->
         client.set_tag(parent, key, str(value))
 
 
+def runs_page(cfg: Config, ui: str = "http://127.0.0.1:5000") -> str:
+    """The UI address of the experiment's runs table, in MLflow 3's "Model training" view
+    (its default view is GenAI; the browser remembers the choice)."""
+    mlflow, exp_id = _setup(cfg)
+    return f"{ui}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+
+
 def end_parent_run(cfg: Config, run_id: str, ok: bool) -> None:
     """Mark the parent run FINISHED or FAILED (local runs, once every step has ended); a
     store still busy after the patience is reported, not raised."""

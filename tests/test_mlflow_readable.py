@@ -60,6 +60,13 @@ def test_the_experiment_opens_on_training_runs_and_steps_log_grouped_names(tmp_p
                                                         "system/samples_per_s"}
 
 
+def test_runs_page_opens_the_training_view(tmp_path):
+    cfg = make_cfg(tmp_path)
+    exp = tracking._setup(cfg)[1]
+    assert tracking.runs_page(cfg, "http://h:1") == \
+        f"http://h:1/#/experiments/{exp}/runs?workflowType=machine_learning"
+
+
 def test_a_kind_chosen_in_the_ui_is_kept(tmp_path):
     cfg = make_cfg(tmp_path)
     tracking.log_parent_params(cfg, tmp_path / "runs" / "t")
