@@ -49,6 +49,13 @@ def setup(timeout_s: int = 600) -> DistInfo:
     return DistInfo(rank, world, local, device)
 
 
+def node_list() -> list[str]:
+    """The job's nodes, as pipeline.launch passes them (PIPELINE_NODES); else this host."""
+    import socket
+    names = os.environ.get("PIPELINE_NODES", "")
+    return names.split(",") if names else [socket.gethostname()]
+
+
 def teardown() -> None:
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()

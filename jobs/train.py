@@ -249,7 +249,9 @@ def log_start(ctx: Context, tracker: StepTracker, report: Optional[dict],
               continued: Optional[dict]) -> None:
     """Params of the stage, and how it started: transfer report or continuation record."""
     out_dir, stage = ctx.run_dir / ctx.stage, ctx.stage
+    nodes = distributed.node_list()
     tracker.log_params({"stage": stage, "world_size": ctx.info.world_size,
+                        "num_nodes": len(nodes), "nodes": ",".join(nodes),
                         "device": str(ctx.info.device), stage: config_mod.to_dict(ctx.scfg)})
     if report is not None:
         atomic_write_json(out_dir / "transfer_report.json", report)

@@ -58,7 +58,7 @@ def checkpoint_state(ctx: Context, progress: Progress) -> dict:
                    "d": ctx.scaler_d.state_dict() if ctx.scaler_d is not None else None},
         **asdict(progress),
         "curriculum": ctx.schedules(progress.epoch + 1),
-        "rng": rngs, "world_size": ctx.info.world_size,
+        "rng": rngs, "world_size": ctx.info.world_size, "nodes": distributed.node_list(),
         "config": config_mod.to_dict(ctx.cfg), "codec": ctx.codec, "parts": ctx.parts,
         "stage": ctx.stage, "mode": ctx.scfg.mode,
     }

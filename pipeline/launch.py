@@ -19,17 +19,20 @@ import importlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
 
 
 from pipeline import config as config_mod
-from pipeline import dag, state
+from pipeline import dag, parent_run, state
+from pipeline.atomic import atomic_write_json
 from pipeline.exit_codes import EXIT_GATE, EXIT_PREEMPTED
 from pipeline.schema import Config
 
@@ -61,20 +64,40 @@ def node_rank() -> int:
     return int(os.environ.get("SLURM_PROCID", os.environ.get("SLURM_NODEID", "0")) or 0)
 
 
-def first_node() -> str:
-    """Hostname of the allocation's first node: the c10d rendezvous host."""
+def job_nodes() -> list[str]:
+    """The allocation's node names in order (this host's name outside SLURM)."""
     nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
     if not nodelist:
-        return socket.gethostname()
+        return [socket.gethostname()]
     out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
                          capture_output=True, text=True).stdout.split()
-    return out[0]
+    return out or [socket.gethostname()]
+
+
+def node_address(name: str) -> str:
+    """A node's address (NodeAddr): nodes may share a host under other names."""
+    res = subprocess.run(["scontrol", "-o", "show", "node", name], capture_output=True, text=True)
+    found = re.search(r"\bNodeAddr=(\S+)", res.stdout)
+    return found.group(1) if res.returncode == 0 and found else name
+
+
+def first_node() -> str:
+    """Address of the allocation's first node: the c10d rendezvous host."""
+    if not os.environ.get("SLURM_JOB_NODELIST"):
+        return socket.gethostname()
+    return node_address(job_nodes()[0])
+
+
+def rdzv_port(job: str) -> int:
+    """The job's rendezvous port: distinct for jobs running at once (ids within 1000)."""
+    return RDZV_PORT_BASE + int(job) % 1000
 
 
 def train_command(cfg: Config, run_dir: Path, stage: str) -> list[str]:
     """`jobs.train` for one process, or torchrun for several (GPUs per node x nodes).
 
-    On CPU-only nodes the process count still follows gpus_per_node (gloo backend)."""
+    On CPU-only nodes the process count still follows gpus_per_node (gloo backend). Across
+    nodes, node rank 0 hosts the c10d rendezvous store on its address."""
     res = cfg.cluster.steps[stage]
     nproc, nodes = max(1, res.gpus_per_node), max(1, res.nodes)
     entry = ["-m", "jobs.train", "--run-dir", str(run_dir), "--stage", stage]
@@ -83,9 +106,10 @@ def train_command(cfg: Config, run_dir: Path, stage: str) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
     if on_slurm():
         job = os.environ["SLURM_JOB_ID"]
-        port = RDZV_PORT_BASE + int(job) % 1000
+        rank = node_rank()
         launcher += [f"--nnodes={nodes}", "--rdzv_backend=c10d", f"--rdzv_id={job}",
-                     f"--rdzv_endpoint={first_node()}:{port}", f"--node_rank={node_rank()}"]
+                     f"--rdzv_endpoint={first_node()}:{rdzv_port(job)}",
+                     f"--rdzv_conf=is_host={1 if rank == 0 else 0}", f"--node_rank={rank}"]
     else:
         launcher += ["--standalone", "--nnodes=1"]
     return launcher + entry
@@ -98,6 +122,20 @@ def _ignore_usr2() -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
+def _worker_end(rank: str, exitcode: str) -> str:
+    """"rank 3 killed by SIGKILL" or "rank 3 exit code 1" from torchrun's exitcode field."""
+    try:
+        code = int(exitcode.split()[0])
+    except (IndexError, ValueError):
+        return f"rank {rank} failed"
+    if code < 0:
+        try:
+            return f"rank {rank} killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"rank {rank} killed by signal {-code}"
+    return f"rank {rank} exit code {code}"
+
+
 class Child:
     """A child process tree whose descendants receive the signals this process gets."""
 
@@ -105,6 +143,23 @@ class Child:
         self.cmd = cmd
         self.signals: list[str] = []
         self.proc: Optional[subprocess.Popen] = None
+        self.deaths: list[str] = []     # torchrun's root cause of a failure
+        self._reader: Optional[threading.Thread] = None
+
+    def _pass_stderr(self) -> None:
+        """Copy the child's stderr to ours, keeping torchrun's root cause of a failure."""
+        rank, root_cause = "?", False
+        for raw in iter(self.proc.stderr.readline, b""):
+            sys.stderr.buffer.write(raw)
+            sys.stderr.flush()
+            line = raw.decode(errors="replace").strip()
+            if "Root Cause" in line:
+                root_cause = True
+            elif root_cause and line.startswith("rank") and ":" in line:
+                rank = line.split(":", 1)[1].split()[0]
+            elif root_cause and line.startswith("exitcode") and ":" in line:
+                self.deaths.append(_worker_end(rank, line.split(":", 1)[1]))
+                root_cause = False
 
     def _forward(self, signum: int, _frame) -> None:
         self.signals.append(signal.Signals(signum).name)
@@ -128,10 +183,15 @@ class Child:
         previous = {s: signal.signal(s, self._forward)
                     for s in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)}
         try:
-            self.proc = subprocess.Popen(self.cmd, start_new_session=True, preexec_fn=_ignore_usr2)
+            self.proc = subprocess.Popen(self.cmd, start_new_session=True, preexec_fn=_ignore_usr2,
+                                         stderr=subprocess.PIPE)
+            self._reader = threading.Thread(target=self._pass_stderr, daemon=True)
+            self._reader.start()
             while True:
                 try:
-                    return self.proc.wait()
+                    code = self.proc.wait()
+                    self._reader.join(timeout=10)
+                    return code
                 except InterruptedError:
                     continue
         finally:
@@ -163,12 +223,89 @@ class Child:
 
 def requeue_self(cfg: Config) -> bool:
     """Ask SLURM to requeue this job if it may still be; True when it was requeued."""
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-    if not on_slurm() or restarts >= cfg.cluster.max_requeues:
+    if not on_slurm() or restarts() >= cfg.cluster.max_requeues:
         return False
     job = os.environ["SLURM_JOB_ID"]
     subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
     return True
+
+
+def restarts() -> int:
+    """How often SLURM has started this job again (requeues of any kind)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+
+
+# This job's requeues so far: time_limit (USR2, requeued by the job itself) and
+# preemption (TERM: scontrol requeue or a preempting job; every other restart).
+REQUEUES = {"preemption": 0, "time_limit": 0}
+
+
+def count_requeues(old: Optional[dict]) -> dict[str, int]:
+    """The requeues of this job, from its previous marker and SLURM_RESTART_COUNT."""
+    same_job = old is not None and old.get("job_id") == os.environ.get("SLURM_JOB_ID", "")
+    timed = int((old or {}).get("requeues", {}).get("time_limit", 0)) if same_job else 0
+    timed = min(timed, restarts())
+    return {"preemption": restarts() - timed, "time_limit": timed}
+
+
+def check_requeues(cfg: Config, name: str) -> None:
+    """Fail a job that SLURM has requeued more often than cluster.max_requeues."""
+    if restarts() > cfg.cluster.max_requeues:
+        raise StepFailed(f"{name}: requeued {restarts()} times (preemption "
+                         f"{REQUEUES['preemption']}, time limit {REQUEUES['time_limit']}), "
+                         f"more than cluster.max_requeues={cfg.cluster.max_requeues}; "
+                         "resume it with pipeline.resume")
+
+
+def mark(run_dir: Path, name: str, st: str, signature: str, shard: Optional[int] = None,
+         num_shards: Optional[int] = None, **extra) -> None:
+    """write_marker with this job's requeue counts."""
+    state.write_marker(run_dir, name, st, signature, shard, num_shards,
+                       requeues=dict(REQUEUES), **extra)
+
+
+def requeue_for_time_limit(cfg: Config, run_dir: Path, name: str, signature: str,
+                           shard: Optional[int] = None, num_shards: Optional[int] = None,
+                           **extra) -> bool:
+    """Count and record a time-limit requeue, then ask SLURM for it; False if refused."""
+    if not on_slurm() or restarts() >= cfg.cluster.max_requeues:
+        return False
+    REQUEUES["time_limit"] += 1
+    mark(run_dir, name, state.PREEMPTED, signature, shard, num_shards, **extra)
+    if requeue_self(cfg):
+        return True
+    REQUEUES["time_limit"] -= 1
+    return False
+
+
+def write_node_record(run_dir: Path, stage: str, child: "Child", code: int) -> None:
+    """This node's end of a failed training run, for the lead's reason."""
+    rank = node_rank()
+    nodes = job_nodes()
+    atomic_write_json(Path(run_dir) / stage / f"node-{rank}.json", {
+        "node": nodes[rank] if rank < len(nodes) else socket.gethostname(), "rank": rank,
+        "exit_code": code, "deaths": child.deaths, "signals": child.signals,
+        "job_id": os.environ.get("SLURM_JOB_ID", ""), "at": time.time()})
+
+
+def other_nodes_report(run_dir: Path, stage: str, since: float, wait_s: float = 20.0) -> str:
+    """What the job's other nodes said about their failure ("" for a one-node job)."""
+    others = range(1, max(1, len(job_nodes())))
+    deadline = time.time() + wait_s
+    found: dict[int, dict] = {}
+    while others and len(found) < len(others) and time.time() < deadline:
+        for rank in others:
+            record = state.read_marker(Path(run_dir) / stage / f"node-{rank}.json")
+            if record and record.get("at", 0) >= since and \
+                    record.get("job_id") == os.environ.get("SLURM_JOB_ID", ""):
+                found[rank] = record
+        if len(found) < len(others):
+            time.sleep(1)
+    parts = []
+    for rank, rec in sorted(found.items()):
+        what = ", ".join(rec["deaths"]) or f"exit {rec['exit_code']}"
+        parts.append(f"node {rec['node']} (node rank {rank}): {what}")
+    return "; ".join(parts)
 
 
 def _gate_reason(run_dir: Path, stage: str) -> str:
@@ -195,28 +332,35 @@ def _trainer_exit(run_dir: Path, stage: str, since: float) -> tuple[Optional[int
 
 def _run_training(cfg: Config, run_dir: Path, stage: str, signature: str) -> None:
     started = time.time()
+    os.environ["PIPELINE_NODES"] = ",".join(job_nodes())    # into the checkpoint and MLflow
     child = Child(train_command(cfg, run_dir, stage))
     code = child.run()
     if code == 0:
         return
+    if node_rank() > 0:
+        write_node_record(run_dir, stage, child, code)
     recorded, reason = _trainer_exit(run_dir, stage, started)
     if recorded is not None and recorded != 0:
         code = recorded
     preempted = code == EXIT_PREEMPTED or "SIGUSR2" in child.signals
     if preempted and "SIGTERM" not in child.signals and node_rank() == 0:
-        state.write_marker(run_dir, stage, state.PREEMPTED, signature, exit_code=code,
-                           signals=child.signals)
-        if requeue_self(cfg):
+        if requeue_for_time_limit(cfg, run_dir, stage, signature, exit_code=code,
+                                  signals=child.signals):
             raise Interrupted(f"{stage}: checkpointed after {child.signals}; job requeued")
         raise StepFailed(f"{stage} was preempted (exit {code}) and may not requeue "
-                         f"(restarts {os.environ.get('SLURM_RESTART_COUNT', '0')} of "
-                         f"max {cfg.cluster.max_requeues}); resume it with pipeline.resume")
+                         f"(restarts {restarts()} of max {cfg.cluster.max_requeues}); "
+                         "resume it with pipeline.resume")
     if child.signals:
         raise Interrupted(f"{stage} stopped by {child.signals} (exit {code})")
     if code == EXIT_GATE:
         raise StepFailed(_gate_reason(run_dir, stage))
+    deaths = [f"node {job_nodes()[0]} (node rank 0): {', '.join(child.deaths)}"] \
+        if child.deaths else []
+    others = other_nodes_report(run_dir, stage, started) if node_rank() == 0 else ""
+    where = "; ".join(deaths + ([others] if others else []))
     detail = f": {reason}" if reason else " (see the job log)"
-    raise StepFailed(f"{stage} failed with exit code {code}{detail}")
+    raise StepFailed(f"{stage} failed with exit code {code}{detail}"
+                     f"{'; ' + where if where else ''}")
 
 
 def _run_in_process(cfg: Config, run_dir: Path, name: str, shard: Optional[int],
@@ -228,10 +372,10 @@ def _run_in_process(cfg: Config, run_dir: Path, name: str, shard: Optional[int],
         module.run(cfg, run_dir)
 
 
-def _data_step_usr2(cfg: Config):
+def _data_step_usr2(cfg: Config, *where):
     def handler(signum: int, _frame) -> None:
         print("[launch] USR2 during a data step: requeueing it", file=sys.stderr, flush=True)
-        if requeue_self(cfg):
+        if requeue_for_time_limit(cfg, *where):
             raise Interrupted("USR2 during a data step: job requeued")
         raise StepFailed("USR2 (time limit) and no requeue left")
     return handler
@@ -239,30 +383,38 @@ def _data_step_usr2(cfg: Config):
 
 def run_step(run_dir: Path | str, name: str, signature: str, shard: Optional[int] = None,
              num_shards: Optional[int] = None) -> str:
-    """Run one step (or shard) of the run in `run_dir`, recording its marker."""
+    """Run one step (or shard) of the run in `run_dir`, recording its marker; the job that
+    ends the run's chain closes its MLflow parent run."""
     run_dir = Path(run_dir).resolve()
     cfg = load_run_config(run_dir)
     kind = dag.step(name).kind
     lead = node_rank() == 0
+    where = (run_dir, name, signature, shard, num_shards)
+    REQUEUES.update(count_requeues(state.read_marker(state.marker_path(*where[:2], shard,
+                                                                        num_shards))))
     if lead:
-        state.write_marker(run_dir, name, state.RUNNING, signature, shard, num_shards)
+        mark(run_dir, name, state.RUNNING, signature, shard, num_shards)
     try:
+        check_requeues(cfg, name)
         if kind == "train":
             _run_training(cfg, run_dir, name, signature)
         else:
-            signal.signal(signal.SIGUSR2, _data_step_usr2(cfg))
+            signal.signal(signal.SIGUSR2, _data_step_usr2(cfg, *where))
             _run_in_process(cfg, run_dir, name, shard, num_shards)
     except BaseException as exc:
         if lead:
             reason = str(exc) or type(exc).__name__
             kind_of_end = state.INTERRUPTED if isinstance(exc, Interrupted) else state.FAILED
             if not (isinstance(exc, Interrupted) and "requeued" in reason):
-                state.write_marker(run_dir, name, kind_of_end, signature, shard, num_shards,
-                                   reason=reason[:2000])
+                mark(run_dir, name, kind_of_end, signature, shard, num_shards,
+                     reason=reason[:2000])
+            if kind_of_end == state.FAILED:
+                parent_run.close_quietly(cfg, run_dir)
         raise
     if lead:
-        state.write_marker(run_dir, name, state.COMPLETED, signature, shard, num_shards,
-                           finished=state.now())
+        mark(run_dir, name, state.COMPLETED, signature, shard, num_shards,
+             finished=state.now())
+        parent_run.close_quietly(cfg, run_dir)
     return state.COMPLETED
 
 

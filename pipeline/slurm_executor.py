@@ -116,16 +116,19 @@ class SlurmExecutor(Executor):
         if not wanted:
             return {}
         out: dict[str, list[tuple[str, str, str]]] = {}
-        squeue = subprocess.run(["squeue", "--me", "-h", "-o", "%i|%F|%T|%M|%r"],
+        squeue = subprocess.run(["squeue", "--me", "-h", "-o", "%i|%F|%T|%M|%r|%P"],
                                 capture_output=True, text=True)
         for line in squeue.stdout.splitlines():
             parts = line.split("|")
-            if len(parts) != 5:
+            if len(parts) != 6:
                 continue
-            job, array_id, st, elapsed, reason = parts
+            job, array_id, st, elapsed, reason, partition = parts
             base = array_id if array_id not in ("", "N/A") else job.split("_")[0]
             if base in wanted:
-                out.setdefault(base, []).append((st, elapsed, reason if reason != "None" else ""))
+                reason = reason if reason != "None" else ""
+                if st == "PENDING" and waits_for_nodes(reason):
+                    reason = "; ".join(x for x in (reason, unavailable_nodes(partition)) if x)
+                out.setdefault(base, []).append((st, elapsed, reason))
         for base in wanted - set(out):
             known = _scontrol_state(base)
             if known:
@@ -136,6 +139,30 @@ class SlurmExecutor(Executor):
         ids = sorted({str(j) for j in job_ids if j})
         if ids:
             subprocess.run(["scancel", *ids], check=False)
+
+
+# squeue reasons of a job that waits for nodes (busy, down, drained or too few)
+NODE_REASONS = ("Resources", "ReqNodeNotAvail", "Nodes_required", "PartitionNodeLimit",
+                "NodeDown", "BadConstraints")
+
+
+def waits_for_nodes(reason: str) -> bool:
+    """True when squeue's reason says the job waits for nodes."""
+    return any(word in reason for word in NODE_REASONS)
+
+
+def unavailable_nodes(partition: str) -> str:
+    """The partition's down, drained or failing nodes with their reasons (sinfo -R)."""
+    cmd = ["sinfo", "-R", "-h", "-N", "-o", "%N|%T|%E"]
+    if partition:
+        cmd += ["-p", partition]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    seen = []
+    for line in res.stdout.splitlines():
+        parts = line.split("|", 2)
+        if len(parts) == 3 and parts[0] and f"node {parts[0]}" not in " ".join(seen):
+            seen.append(f"node {parts[0]} {parts[1]}: {parts[2]}")
+    return "; ".join(seen)
 
 
 def _scontrol_state(job_id: str) -> list[tuple[str, str, str]]:

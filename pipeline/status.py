@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from pipeline import dag, state
+from pipeline import dag, parent_run, state
 from pipeline.backends import make_executor
 from pipeline.executor import LIVE_STATES
 
@@ -131,6 +131,9 @@ def step_rows(run_dir: Path) -> list[dict]:
                 st, note = "LOST", note or gate_note(run_dir, name) or why
         if "DependencyNeverSatisfied" in note:
             note = "an upstream step failed: this job never starts (pipeline.resume re-submits it)"
+        requeued = parent_run.requeue_note(marks)
+        if requeued and requeued not in note:
+            note = f"{note}; {requeued}" if note else requeued
         rows.append({"step": name, "job": job, "state": st, "elapsed": elapsed,
                      "metric": latest_metric(run_dir, name), "note": note})
     return rows
@@ -229,7 +232,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     rows = step_rows(run_dir)
-    print(json.dumps(rows, indent=1) if args.json else f"run {run_dir}\n{format_table(rows)}")
+    overall = f"run {run_dir.name}: {parent_run.overall_state(run_dir, rows)}"
+    print(json.dumps(rows, indent=1) if args.json else
+          f"{overall}\nfolder {run_dir}\n{format_table(rows)}")
     return 0
 
 
