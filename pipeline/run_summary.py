@@ -67,6 +67,15 @@ def headline_params(cfg: Config) -> dict[str, Any]:
     return params
 
 
+def stage_params(cfg: Config, stage: str) -> dict[str, Any]:
+    """Params a training stage's own run adds to its config section: seed, codec, model
+    sizes and its models' parameter counts."""
+    params = {k: v for k, v in headline_params(cfg).items()
+              if k in ("seed", "codec") or k.startswith("model.")}
+    counts = parameter_counts(cfg, stage)
+    return params | {f"model.{k.split('/')[1]}": int(v) for k, v in counts.items()}
+
+
 # --- results, per step kind -----------------------------------------------------------
 
 Results = tuple[dict[str, float], dict[str, str]]   # (metrics, tags) for the parent run

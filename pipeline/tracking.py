@@ -354,6 +354,8 @@ def step_run(cfg: Config, run_dir: Path, step: str, rank: int = 0,
         record_lost_call(errors, "the step's run", exc)
         yield StepTracker(None)
         return
+    if step in run_summary.STAGES:
+        tracker.log_params(run_summary.stage_params(cfg, step))
     status = "FAILED"
     try:
         yield tracker

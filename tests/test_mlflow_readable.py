@@ -58,6 +58,9 @@ def test_the_experiment_opens_on_training_runs_and_steps_log_grouped_names(tmp_p
     assert exp.tags[tracking.KIND_TAG] == "custom_model_development"
     assert set(client.get_run(run_id).data.metrics) == {"val/loss", "train/total",
                                                         "system/samples_per_s"}
+    params = client.get_run(run_id).data.params            # a stage's run: sizes and seed
+    assert params["seed"] == str(cfg.run.seed) and params["model.d_model"] == "64"
+    assert int(params["model.generator_params"]) > 1000
 
 
 def test_runs_page_opens_the_training_view(tmp_path):
