@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from data_prep.corpus import ensure_corpus
 from data_prep.decode import AUDIO_EXTS, AudioError, decode_recovering, probe
+from pipeline import run_folder as rf
 from pipeline.atomic import atomic_path, atomic_write_json, atomic_write_text
 from pipeline.config import ConfigError, load_resolved, write_resolved
 from pipeline.schema import Config
@@ -44,7 +45,7 @@ from pipeline.tracking import ensure_parent_run, step_run
 # The data settings that change what is written; others (workers, shards) do not.
 CHUNK_KEYS = ("sample_rate", "channels", "chunk_seconds", "tail", "min_seconds", "silence_db",
               "max_chunks_per_song", "dtype")
-MANIFEST_RE = re.compile(r"manifest-(\d+)-of-(\d+)\.jsonl$")
+MANIFEST_RE = rf.CHUNK_MANIFEST_RE
 
 
 @dataclass(frozen=True)
@@ -306,7 +307,7 @@ def process_file(job: tuple) -> tuple[dict, bool]:
 # --- manifests and summaries -------------------------------------------------------------
 
 def chunk_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "chunk"
+    return rf.step_dir(run_dir, rf.CHUNK)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -324,7 +325,7 @@ def previous_records(run_dir: Path) -> dict[str, dict]:
     """Every earlier record by source path, from finished manifests and killed runs' journals."""
     folder = chunk_dir(run_dir)
     found: dict[str, dict] = {}
-    paths = list(folder.glob("manifest-*.jsonl")) + list(folder.glob("manifest-*.jsonl.partial"))
+    paths = [p for pattern in rf.CHUNK_RECORD_GLOBS for p in folder.glob(pattern)]
     for path in sorted(paths, key=lambda p: p.stat().st_mtime):
         for rec in _read_jsonl(path):
             found[rec.get("source", "")] = rec
@@ -333,7 +334,7 @@ def previous_records(run_dir: Path) -> dict[str, dict]:
 
 def latest_manifests(run_dir: Path) -> list[Path]:
     """Manifests of the latest sharding (the n of the newest manifest); others are stale."""
-    manifests = [p for p in chunk_dir(run_dir).glob("manifest-*-of-*.jsonl")
+    manifests = [p for p in chunk_dir(run_dir).glob(rf.CHUNK_MANIFEST_GLOB)
                  if MANIFEST_RE.search(p.name)]
     if not manifests:
         return []
@@ -378,8 +379,7 @@ def count_records(records: list[dict]) -> dict:
 
 def summarize(run_dir: Path) -> dict:
     """Totals over all shards of the latest chunk run (see collect_manifest)."""
-    shards = [p.name.replace("manifest-", "summary-").replace(".jsonl", ".json")
-              for p in latest_manifests(run_dir)]
+    shards = [rf.summary_for_manifest(p) for p in latest_manifests(run_dir)]
     return {**count_records(collect_manifest(run_dir)), "shard_summaries": shards}
 
 
@@ -470,7 +470,7 @@ def run_shard(cfg: Config, run_dir: Path, shard: int = 0, num_shards: int = 1,
     source = Path(source) if source else ensure_corpus(cfg, run_dir)
     files = shard_files(list_sources(source), shard, num_shards)
     out_dir = chunk_dir(run_dir)
-    songs_dir = out_dir / "songs"
+    songs_dir = out_dir / rf.SONGS
     songs_dir.mkdir(parents=True, exist_ok=True)
     write_resolved(cfg, out_dir)
     spec = ChunkSpec.from_cfg(cfg)
@@ -478,9 +478,8 @@ def run_shard(cfg: Config, run_dir: Path, shard: int = 0, num_shards: int = 1,
     where = [p.resolve() if p.exists() else p.absolute() for p in files]  # dangling: itself
     jobs = [(w, p.relative_to(source).as_posix(), spec, songs_dir, previous.get(str(w)))
             for p, w in zip(files, where)]
-    tag = f"{shard}-of-{num_shards}"
-    manifest = out_dir / f"manifest-{tag}.jsonl"
-    journal = out_dir / f"manifest-{tag}.jsonl.partial"
+    tag = rf.shard_tag(shard, num_shards)
+    manifest, journal = rf.chunk_manifest(out_dir, tag), rf.chunk_journal(out_dir, tag)
     with file_lock(run_dir / ".mlflow.lock"):  # shards starting together must not both
         ensure_parent_run(cfg, run_dir)       # create the sqlite store or the parent run
     with step_run(cfg, run_dir, f"chunk/shard-{tag}") as tracker:
@@ -499,7 +498,7 @@ def run_shard(cfg: Config, run_dir: Path, shard: int = 0, num_shards: int = 1,
         summary = {**count_records(records), "shard": shard, "num_shards": num_shards,
                    "source": str(source), "config_hash": spec.config_hash, "reused": reused,
                    "seconds": round(elapsed, 3)}
-        summary_path = out_dir / f"summary-{tag}.json"
+        summary_path = rf.chunk_summary(out_dir, tag)
         atomic_write_json(summary_path, summary)
         tracker.log_metrics({k: summary[k] for k in ("files", "ok", "skipped", "failed",
                                                      "chunks", "audio_hours", "reused", "seconds")})

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from data_prep.codecs import Codec, load_codec
 from data_prep.pairs import ok_songs
+from pipeline import run_folder as rf
 from pipeline.atomic import atomic_path, atomic_write_json, is_temp_file
 from pipeline.config import load_resolved
 from pipeline.malloc import reuse_freed_memory
@@ -39,8 +40,8 @@ T = TypeVar("T")
 
 LATENT_DTYPE = np.float16
 FLOAT16_MAX = float(np.finfo(np.float16).max)
-CLEAN_PATTERN = "latents-{:05d}.npy"
-AUG_PATTERN = "aug-{:05d}.npy"
+CLEAN_PATTERN = rf.CLEAN_SHARD
+AUG_PATTERN = rf.AUG_SHARD
 
 
 class EncodeError(RuntimeError):
@@ -52,7 +53,7 @@ def open_songs(run_dir: Path) -> tuple[dict[str, np.ndarray], int]:
     """Memory-map each ok song's chunk array; return them and the common chunk length."""
     arrays: dict[str, np.ndarray] = {}
     for song, entry in ok_songs(run_dir).items():
-        path = Path(run_dir) / "chunk" / entry["array"]
+        path = rf.step_dir(run_dir, rf.CHUNK) / entry["array"]
         if not path.exists():
             raise EncodeError(f"chunk array {path} of song {song} is missing")
         arr = np.load(path, mmap_mode="r")
@@ -61,10 +62,10 @@ def open_songs(run_dir: Path) -> tuple[dict[str, np.ndarray], int]:
                               f"got shape {arr.shape} {arr.dtype}")
         arrays[song] = arr
     if not arrays:
-        raise EncodeError(f"no ok songs in {Path(run_dir) / 'chunk'}: nothing to encode")
+        raise EncodeError(f"no ok songs in {rf.step_dir(run_dir, rf.CHUNK)}: nothing to encode")
     lengths = {a.shape[2] for a in arrays.values()}
     if len(lengths) != 1:
-        raise EncodeError(f"chunk arrays in {Path(run_dir) / 'chunk/songs'} have different "
+        raise EncodeError(f"chunk arrays in {rf.songs_dir(run_dir)} have different "
                           f"lengths {sorted(lengths)}; re-run the chunk step")
     return arrays, lengths.pop()
 
@@ -78,16 +79,11 @@ def as_float(chunk: np.ndarray) -> np.ndarray:
 
 def train_songs(run_dir: Path) -> list[str]:
     """Songs of the train split (inputs and targets of pairs/train.jsonl)."""
-    path = Path(run_dir) / "pairs" / "train.jsonl"
+    path = rf.pairs_file(run_dir, "train")
     if not path.exists():
         raise EncodeError(f"{path} not found: encode.augment.variants > 0 needs the pairs step "
                           "first (augmented variants are written for train songs only)")
-    songs = set()
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            songs.update((rec["song"], rec["target_song"]))
-    return sorted(songs)
+    return sorted({song for rec in rf.read_pairs(path) for song in (rec["song"], rec["target_song"])})
 
 
 # --- plan --------------------------------------------------------------------------------
@@ -116,8 +112,7 @@ def prepare_shard_dir(shards: Path, plan_file: Path, signatures: dict[str, str])
             log.info("encode: removing leftover temp file %s", path.name)
             path.unlink()
     old = json.loads(plan_file.read_text()) if plan_file.exists() else {}
-    prefixes = {"clean": "latents-", "aug": "aug-"}
-    for part, prefix in prefixes.items():
+    for part, prefix in rf.SHARD_PREFIXES.items():
         if old.get(part) != signatures[part]:
             stale = [p for p in shards.iterdir() if p.name.startswith(prefix)]
             if stale:
@@ -127,7 +122,7 @@ def prepare_shard_dir(shards: Path, plan_file: Path, signatures: dict[str, str])
                 path.unlink()
     if old != signatures:
         if old:
-            (plan_file.parent / "manifest.json").unlink(missing_ok=True)  # stale until rebuilt
+            (plan_file.parent / rf.ENCODE_MANIFEST).unlink(missing_ok=True)  # stale until rebuilt
         atomic_write_json(plan_file, signatures)
 
 
@@ -331,14 +326,14 @@ def run(cfg: Config, run_dir: Path) -> dict:
 
     run_dir = Path(run_dir)
     reuse_freed_memory()   # the encoder allocates its big intermediates anew every batch
-    out, shards = run_dir / "encode", run_dir / "encode" / "shards"
+    out, shards = rf.step_dir(run_dir, rf.ENCODE), rf.encode_shards(run_dir)
     enc = cfg.encode
     arrays, samples = open_songs(run_dir)
     aug_ids = [s for s in train_songs(run_dir) if s in arrays] if enc.augment.variants > 0 else []
     codec = load_codec(enc, cfg.data.sample_rate, enc.device, seed=cfg.run.seed)
     frames = codec.frames(samples)
     signatures = plan_signatures(codec, arrays, samples, cfg, aug_ids)
-    prepare_shard_dir(shards, out / "plan.json", signatures)
+    prepare_shard_dir(shards, rf.encode_plan(run_dir), signatures)
     write_resolved(cfg, out)
 
     rows = [(s, c) for s in sorted(arrays) for c in range(arrays[s].shape[0])]
@@ -370,14 +365,14 @@ def run(cfg: Config, run_dir: Path) -> dict:
             aug_s = time.perf_counter() - start - clean_s
         bar.close()
         manifest = build_manifest(codec, shards, clean, aug, frames, samples, cfg, signatures)
-        atomic_write_json(out / "manifest.json", manifest)
+        atomic_write_json(rf.encode_manifest(run_dir), manifest)
         speed = n_clean * samples / cfg.data.sample_rate / clean_s if n_clean else 0.0
         tr.log_metrics({"chunks": len(rows), "chunks_encoded": n_clean,
                         "encode_seconds": clean_s, "x_real_time": speed,
                         "chunks_per_second": n_clean / clean_s if n_clean else 0.0,
                         "augmented_sources": n_aug, "augment_seconds": aug_s,
                         "augmented_rows": manifest["augment"]["rows"]})
-        tr.log_artifact(out / "manifest.json")
+        tr.log_artifact(rf.encode_manifest(run_dir))
     log.info("encode: %d chunks in %.1f s (%.1fx real time), %d augmented sources in %.1f s "
              "-> %s", n_clean, clean_s, speed, n_aug, aug_s, out)
     return manifest
@@ -400,7 +395,7 @@ def build_manifest(codec: Codec, shards: Path, clean: list, aug: list, frames: i
     aug_shards, dropped, kept = [], {}, 0
     for k in range(len(aug)):
         info = json.loads((shards / AUG_PATTERN.format(k)).with_suffix(".json").read_text())
-        aug_shards.append({"file": f"shards/{AUG_PATTERN.format(k)}", "rows": len(info["rows"])})
+        aug_shards.append({"file": f"{rf.SHARDS}/{AUG_PATTERN.format(k)}", "rows": len(info["rows"])})
         for row, (song, chunk, params) in enumerate(info["rows"]):
             per_chunk = augmented.setdefault(song, [[] for _ in index[song]])
             per_chunk[chunk].append([k, row, params])
@@ -410,7 +405,7 @@ def build_manifest(codec: Codec, shards: Path, clean: list, aug: list, frames: i
     return {**codec.describe(), "frames": frames, "chunk_samples": samples,
             "dtype": np.dtype(LATENT_DTYPE).name, "songs": len(index),
             "rows": sum(len(g) for g in clean),
-            "shards": [{"file": f"shards/{CLEAN_PATTERN.format(k)}", "rows": len(g)}
+            "shards": [{"file": f"{rf.SHARDS}/{CLEAN_PATTERN.format(k)}", "rows": len(g)}
                        for k, g in enumerate(clean)],
             "index": index, "aug_shards": aug_shards, "augmented": augmented,
             "augment": {"variants": cfg.encode.augment.variants, "rows": kept,

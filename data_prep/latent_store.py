@@ -10,13 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.run_folder import ENCODE_MANIFEST
+
 
 class LatentStore:
     """Latents [128, T] float16 of every encoded chunk, and its augmented variants."""
 
     def __init__(self, encode_dir: Path | str):
         self.encode_dir = Path(encode_dir)
-        path = self.encode_dir / "manifest.json"
+        path = self.encode_dir / ENCODE_MANIFEST
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: run the encode step first")
         self.manifest: dict = json.loads(path.read_text())

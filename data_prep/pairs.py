@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from pipeline import run_folder as rf
 from pipeline.atomic import atomic_write_json, atomic_write_text
 from pipeline.config import load_resolved
 from pipeline.schema import Config, PairsConfig
@@ -39,7 +40,7 @@ def ok_songs(run_dir: Path) -> dict[str, dict]:
 
     records = collect_manifest(Path(run_dir))
     if not records:
-        raise PairsError(f"no chunk manifests (manifest-*-of-*.jsonl) in {Path(run_dir) / 'chunk'}: "
+        raise PairsError(f"no chunk manifests ({rf.CHUNK_MANIFEST_GLOB}) in {rf.step_dir(run_dir, rf.CHUNK)}: "
                          "run the chunk step first")
     songs = {r["song_id"]: r for r in records
              if r.get("status") == "ok" and int(r.get("chunks", 0)) > 0}
@@ -158,7 +159,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     positions: dict[str, Sequence[int]] = {}
     legacy = []
     for song, entry in entries.items():
-        found = song_positions(entry, run_dir / "chunk")
+        found = song_positions(entry, rf.step_dir(run_dir, rf.CHUNK))
         if found is None:
             legacy.append(song)
         positions[song] = found if found is not None else range(int(entry["chunks"]))
@@ -184,7 +185,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     for name, (songs, pairs) in splits.items():
         _check_split(name, songs, pairs, len(usable), total_pairs, pc.shuffle_targets)
 
-    out = run_dir / "pairs"
+    out = rf.step_dir(run_dir, rf.PAIRS)
     summary = {"songs": {k: len(s) for k, (s, _) in splits.items()},
                "pairs": {k: len(p) for k, (_, p) in splits.items()},
                "song_ids": {k: s for k, (s, _) in splits.items()},
@@ -198,8 +199,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
                         "shuffle_targets" if pc.shuffle_targets else "continuation")}
     with step_run(cfg, run_dir, "pairs") as tr:
         for name, (_, pairs) in splits.items():
-            atomic_write_text(out / f"{name}.jsonl", _jsonl(pairs))
-        atomic_write_json(out / "summary.json", summary)
+            atomic_write_text(rf.pairs_file(run_dir, name), _jsonl(pairs))
+        atomic_write_json(rf.pairs_summary(run_dir), summary)
         write_resolved(cfg, out)
         tr.log_params({"pairs": vars(pc), "seed": cfg.run.seed})
         tr.log_metrics({"songs_train": len(train_songs), "songs_val": len(val_songs),
@@ -207,7 +208,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                         "pairs_val": summary["pairs_val"],
                         "unpaired_songs": len(summary["unpaired_songs"]),
                         "songs_with_holes": len(holes)})
-        tr.log_artifact(out / "summary.json")
+        tr.log_artifact(rf.pairs_summary(run_dir))
     log.info("pairs: %d train pairs (%d songs), %d val pairs (%d songs) -> %s",
              summary["pairs"]["train"], len(train_songs), summary["pairs"]["val"],
              len(val_songs), out)

@@ -30,11 +30,12 @@ import numpy as np
 import torch
 
 from jobs import checkpoint as ckpt_io
+from pipeline import run_folder as rf
 from pipeline.atomic import atomic_path, atomic_write_text
 from pipeline.schema import Config
 
 LN2 = math.log(2.0)
-EPOCH_FILE = re.compile(r"^epoch_(\d+)(_d)?\.pt$")   # _d: discriminator only (stage keep_last)
+EPOCH_FILE = rf.EPOCH_FILE   # _d: discriminator only (stage keep_last)
 COLUMNS = ("d_epoch", "checkpoint", "fake_bce_vs_real", "fake_prob", "real_bce_vs_real",
            "real_prob", "d_loss", "accuracy")
 
@@ -49,7 +50,7 @@ def saved_epochs(stage_dir: Path) -> dict[int, Path]:
     """{epoch: path} of the epoch_<n>.pt files in a stage folder, and of the
     discriminator-only epoch_<n>_d.pt that keep_last leaves of older epochs."""
     found = {}
-    for path in Path(stage_dir).glob("epoch_*.pt"):
+    for path in Path(stage_dir).glob(rf.EPOCH_GLOB):
         match = EPOCH_FILE.match(path.name)
         if match and not (match.group(2) and int(match.group(1)) in found):
             found[int(match.group(1))] = path
@@ -120,9 +121,9 @@ def fixed_batches(cfg: Config, run_dir: Path, generator: torch.nn.Module, gen_ep
     from jobs.generate import make_fakes
     from jobs.pair_data import read_pairs
 
-    pairs = read_pairs(Path(run_dir) / "pairs" / "val.jsonl")
+    pairs = read_pairs(rf.pairs_file(run_dir, "val"))
     if len(pairs) < 2:
-        raise AuditError(f"{run_dir}/pairs/val.jsonl has {len(pairs)} pairs; the audit needs at "
+        raise AuditError(f"{rf.pairs_file(run_dir, 'val')} has {len(pairs)} pairs; the audit needs at "
                          "least 2 real validation chunks")
     rng = np.random.default_rng(cfg.run.seed)
     picks = rng.permutation(len(pairs))[:batch_size]
@@ -258,12 +259,12 @@ def run(cfg: Config, run_dir: Path, gen_epoch: Optional[int] = None) -> dict:
     from pipeline.tracking import step_run
 
     run_dir = Path(run_dir)
-    stage_dir, out = run_dir / "stage3", run_dir / "audit"
+    stage_dir, out = rf.step_dir(run_dir, "stage3"), rf.step_dir(run_dir, rf.AUDIT)
     found = saved_epochs(stage_dir)
     full = [e for e, p in found.items() if not p.name.endswith("_d.pt")]
     gen_epoch = gen_epoch or cfg.audit.gen_epoch or (max(full) if full else 0)
     if gen_epoch not in full:
-        raise AuditError(f"generator checkpoint {stage_dir / f'epoch_{gen_epoch}.pt'} not found "
+        raise AuditError(f"generator checkpoint {rf.epoch_checkpoint(stage_dir, gen_epoch)} not found "
                          f"(saved epochs with a generator: {full or 'none'}; older ones keep "
                          "only the discriminator, stage3.keep_last)")
     manifest = read_manifest(run_dir)
@@ -276,7 +277,7 @@ def run(cfg: Config, run_dir: Path, gen_epoch: Optional[int] = None) -> dict:
     rows, skipped = [], []
     for epoch in wanted_epochs(found, cfg.stage3.checkpoint_every, cfg.audit.first_epoch,
                                cfg.audit.last_epoch):
-        name = found[epoch].name if epoch in found else f"epoch_{epoch}.pt"
+        name = found[epoch].name if epoch in found else rf.epoch_checkpoint(stage_dir, epoch).name
         if epoch not in found:
             skipped.append(f"{name}: missing")
             continue
@@ -300,15 +301,15 @@ def run(cfg: Config, run_dir: Path, gen_epoch: Optional[int] = None) -> dict:
         lines.append(f"FAILED: {len(rows)} usable discriminator checkpoint(s); the audit needs "
                      "at least two to compare epochs")
         text = "\n".join(lines) + "\n"
-        atomic_write_text(out / "reading.txt", text)
+        atomic_write_text(out / rf.AUDIT_READING, text)
         raise AuditError(text.strip())
     verdict, findings = read_rows(rows, cfg.audit.collapse_d_loss, cfg.audit.chance_margin)
     lines.append(f"verdict: {verdict}")
     lines += [f"- {f}" for f in findings]
     text = "\n".join(lines) + "\n"
-    write_csv(out / "audit.csv", rows)
-    write_plot(out / "audit.png", rows, gen_epoch)
-    atomic_write_text(out / "reading.txt", text)
+    write_csv(out / rf.AUDIT_CSV, rows)
+    write_plot(out / rf.AUDIT_PNG, rows, gen_epoch)
+    atomic_write_text(out / rf.AUDIT_READING, text)
     # one MLflow child run per audited generator epoch: re-auditing another epoch must not
     # overwrite (MLflow forbids changing) the params of an earlier audit
     with step_run(cfg, run_dir, f"audit/gen_epoch_{gen_epoch}") as tracker:
@@ -318,7 +319,7 @@ def run(cfg: Config, run_dir: Path, gen_epoch: Optional[int] = None) -> dict:
         for row in rows:
             tracker.log_metrics({f"audit_{k}": row[k] for k in COLUMNS[2:]}, step=row["d_epoch"])
         tracker.set_tags({"audit.verdict": verdict})
-        for name in ("audit.csv", "audit.png", "reading.txt"):
+        for name in (rf.AUDIT_CSV, rf.AUDIT_PNG, rf.AUDIT_READING):
             tracker.log_artifact(out / name, "audit")
     print(text, end="")
     return {"gen_epoch": gen_epoch, "rows": rows, "skipped": skipped, "verdict": verdict,

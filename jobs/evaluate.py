@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import run_folder as rf
 from pipeline.schema import Config
 
 TINY = 1e-12   # keeps logs finite on digital silence
@@ -198,10 +199,10 @@ def real_latents(run_dir: Path, split: str, n: int, seed: int) -> torch.Tensor:
     from data_prep.latent_store import LatentStore
     from jobs.pair_data import read_pairs
 
-    pairs = read_pairs(Path(run_dir) / "pairs" / f"{split}.jsonl")
+    pairs = read_pairs(rf.pairs_file(run_dir, split))
     if len(pairs) < 2:
-        raise ValueError(f"{run_dir}/pairs/{split}.jsonl has {len(pairs)} pairs; need at least 2")
-    store = LatentStore(Path(run_dir) / "encode")
+        raise ValueError(f"{rf.pairs_file(run_dir, split)} has {len(pairs)} pairs; need at least 2")
+    store = LatentStore(rf.step_dir(run_dir, rf.ENCODE))
     picks = np.random.default_rng(seed).permutation(len(pairs))[:n]
     return torch.stack([torch.from_numpy(np.asarray(
         store.get(pairs[i]["target_song"], pairs[i]["target"]), np.float32)) for i in picks])
@@ -296,7 +297,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
               "pretrained": manifest.get("pretrained"), "n_generated": len(generated),
               "n_real": len(real), "seed": ev.seed, "mode": fakes.mode, "alpha": fakes.alpha,
               "metrics": metrics}
-    out = run_dir / "evaluate" / "metrics.json"
+    out = rf.evaluate_metrics(run_dir)
     atomic_write_json(out, result)
     with step_run(cfg, run_dir, "evaluate") as tracker:
         tracker.log_params({"checkpoint": str(path), "weights": state["weights"],
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(result["metrics"], indent=2))
-    print(f"wrote {run_dir / 'evaluate' / 'metrics.json'}")
+    print(f"wrote {rf.evaluate_metrics(run_dir)}")
     return 0
 
 

@@ -33,6 +33,7 @@ import torch
 
 from jobs import checkpoint as ckpt_io
 from pipeline import config as config_mod
+from pipeline import run_folder as rf
 from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.schema import Config
 
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 # Codec facts a checkpoint and the run's encode manifest must agree on.
 CODEC_KEYS = ("codec", "sample_rate", "frame_rate", "latent_dim", "frames", "kind",
               "weights_sha256")
-STAGES = ("stage1", "stage2", "stage3")
+STAGES = rf.STAGES
 
 
 class MismatchError(ValueError):
@@ -50,21 +51,8 @@ class MismatchError(ValueError):
 
 # --- checkpoints and codec ------------------------------------------------------------
 
-def default_checkpoint(run_dir: Path, configured: str = "") -> Path:
-    """The configured checkpoint path, else the run's final stage-3 generator (last.pt).
-
-    Not best.pt: under the pure-GAN curriculum the validation loss (clean inputs) rises as
-    alpha grows, so best.pt is usually a pre-curriculum continuation model, while the
-    generator that maps noise to music is the last one."""
-    return Path(configured) if configured else Path(run_dir) / "stage3" / "last.pt"
-
-
-def read_manifest(run_dir: Path) -> dict:
-    """The encode step's manifest (codec, sample rate, latent_dim, frames, ...)."""
-    path = Path(run_dir) / "encode" / "manifest.json"
-    if not path.exists():
-        raise FileNotFoundError(f"encode manifest not found: {path} (run the encode step first)")
-    return json.loads(path.read_text())
+default_checkpoint = rf.default_checkpoint
+read_manifest = rf.read_encode_manifest
 
 
 def check_compatible(state: dict, manifest: dict, path: Path) -> None:
@@ -154,10 +142,10 @@ def reference_stds(run_dir: Path, n: int, seed: int) -> torch.Tensor:
     from data_prep.latent_store import LatentStore
     from jobs.pair_data import read_pairs
 
-    pairs = read_pairs(Path(run_dir) / "pairs" / "train.jsonl")
+    pairs = read_pairs(rf.pairs_file(run_dir, "train"))
     if not pairs:
-        raise ValueError(f"{run_dir}/pairs/train.jsonl is empty: no real latents to scale noise by")
-    store = LatentStore(Path(run_dir) / "encode")
+        raise ValueError(f"{rf.pairs_file(run_dir, 'train')} is empty: no real latents to scale noise by")
+    store = LatentStore(rf.step_dir(run_dir, rf.ENCODE))
     picks = np.random.default_rng(seed).integers(0, len(pairs), n)
     chunks = [np.asarray(store.get(pairs[i]["song"], pairs[i]["input"]), np.float32) for i in picks]
     return torch.tensor([c.std() for c in chunks])
@@ -187,7 +175,7 @@ def pick_pairs(run_dir: Path, n: int, seed: int, split: str = "val") -> list[dic
     """n seeded picks of a split's pairs: a seeded permutation, repeated if n exceeds it."""
     from jobs.pair_data import read_pairs
 
-    path = Path(run_dir) / "pairs" / f"{split}.jsonl"
+    path = rf.pairs_file(run_dir, split)
     pairs = read_pairs(path)
     if not pairs:
         raise ValueError(f"{path} is empty: no real pairs to make fakes from")
@@ -199,7 +187,7 @@ def pairs_by_index(run_dir: Path, indices: list[int], split: str = "val") -> lis
     """The pairs at `indices` (line numbers from 0) of pairs/<split>.jsonl."""
     from jobs.pair_data import read_pairs
 
-    path = Path(run_dir) / "pairs" / f"{split}.jsonl"
+    path = rf.pairs_file(run_dir, split)
     pairs = read_pairs(path)
     bad = [i for i in indices if not 0 <= i < len(pairs)]
     if bad:
@@ -212,7 +200,7 @@ def load_pairs(run_dir: Path, pairs: list[dict]) -> tuple[torch.Tensor, torch.Te
     """Clean (inputs, targets) latents [n, C, T] float32 of pair records."""
     from data_prep.latent_store import LatentStore
 
-    store = LatentStore(Path(run_dir) / "encode")
+    store = LatentStore(rf.step_dir(run_dir, rf.ENCODE))
 
     def stack(song_key: str, chunk_key: str) -> torch.Tensor:
         try:
@@ -404,7 +392,7 @@ def run(cfg: Config, run_dir: Path, checkpoint: Optional[Path] = None, n: Option
     if n < 1 or temperature <= 0:
         raise ValueError(f"generate: n must be >= 1 and temperature > 0, got n={n}, "
                          f"temperature={temperature}")
-    out_dir = Path(out_dir) if out_dir else run_dir / "generate"
+    out_dir = Path(out_dir) if out_dir else rf.step_dir(run_dir, rf.GENERATE)
     manifest = read_manifest(run_dir)
     generator, state = load_generator(path, manifest, cfg.generate.use_ema)
     stage, epoch = checkpoint_origin(state, path)
@@ -430,7 +418,7 @@ def run(cfg: Config, run_dir: Path, checkpoint: Optional[Path] = None, n: Option
               "mode": fakes.mode, "source": fakes.source, "alpha": fakes.alpha,
               "sample_rate": codec.sample_rate, "codec": manifest["codec"],
               "out_dir": str(out_dir), "samples": records}
-    atomic_write_json(out_dir / "generate.json", result)
+    atomic_write_json(out_dir / rf.GENERATE_RECORD, result)
     log_run(cfg, run_dir, result)
     return result
 
@@ -448,7 +436,7 @@ def log_run(cfg: Config, run_dir: Path, result: dict) -> None:
             for key in ("wav", "png", "masks"):
                 if key in record:
                     tracker.log_artifact(record[key], "samples")
-        tracker.log_artifact(Path(result["out_dir"]) / "generate.json")
+        tracker.log_artifact(Path(result["out_dir"]) / rf.GENERATE_RECORD)
 
 
 def log_samples(cfg: Config, run_dir: Path, generator: torch.nn.Module, epoch: int,
@@ -491,7 +479,7 @@ def list_pairs(run_dir: Path) -> str:
     """The validation pairs, one per line with its --pair index."""
     from jobs.pair_data import read_pairs
 
-    pairs = read_pairs(Path(run_dir) / "pairs" / "val.jsonl")
+    pairs = read_pairs(rf.pairs_file(run_dir, "val"))
     return "\n".join(f"{i}\t{pair_name(p)}" for i, p in enumerate(pairs))
 
 
@@ -542,9 +530,9 @@ def load_run(run: Optional[str]) -> tuple[Config, Path]:
         base = config_mod.load()
         run = str(Path(base.run.root) / base.run.name)
     run_dir = Path(run)
-    path = run_dir / "config.resolved.yaml"
+    path = rf.config_file(run_dir)
     if not path.exists():
-        runs = sorted(str(p.parent) for p in run_dir.parent.glob("*/config.resolved.yaml"))
+        runs = sorted(str(p.parent) for p in run_dir.parent.glob(f"*/{rf.CONFIG_FILE}"))
         raise SystemExit(f"no resolved config at {path}: pass --run <run folder>"
                          + (f" (run folders here: {', '.join(runs)})" if runs else ""))
     return config_mod.load_resolved(run_dir), run_dir

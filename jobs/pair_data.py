@@ -8,9 +8,7 @@ resumed. Validation is never augmented.
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -18,28 +16,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from data_prep.latent_store import LatentStore
-
-PAIR_KEYS = ("song", "input", "target_song", "target")
-
-
-def read_pairs(path: Path) -> list[dict]:
-    """Read a pairs index (one JSON object per line); a bad line names the file and line."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"pairs index not found: {path} (run the pairs step first)")
-    pairs = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not valid JSON ({exc})") from None
-        missing = [k for k in PAIR_KEYS if k not in item]
-        if missing:
-            raise ValueError(f"{path}:{number}: pair is missing keys {missing}")
-        pairs.append(item)
-    return pairs
+from pipeline.run_folder import PAIR_KEYS, read_pairs  # noqa: F401  (train.py imports them here)
 
 
 class PairDataset(Dataset):

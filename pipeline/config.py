@@ -19,7 +19,7 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
-from pipeline import schema
+from pipeline import run_folder, schema
 from pipeline.schema import Config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -329,7 +329,7 @@ def section_hash(obj: Any) -> str:
 def write_resolved(cfg: Config, folder: Path) -> Path:
     """Write the fully resolved config as YAML into a step's output folder (atomically)."""
     from pipeline.atomic import atomic_write_text
-    path = Path(folder) / "config.resolved.yaml"
+    path = run_folder.config_file(folder)
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path
 
@@ -342,7 +342,7 @@ def from_dict(data: dict) -> Config:
 def load_resolved(run_dir: Path) -> Config:
     """The config a run was submitted with (run_dir/config.resolved.yaml): every job reads
     this one file, so all steps of a run agree."""
-    path = Path(run_dir) / "config.resolved.yaml"
+    path = run_folder.config_file(run_dir)
     if not path.is_file():
         raise ConfigError(f"no resolved config at {path}: a run folder holds the config it "
                           "was submitted with (written by pipeline.run)")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline import config as config_mod
+from pipeline import run_folder
 from pipeline import store as store_mod
 from pipeline.state import read_marker
 
@@ -44,7 +45,7 @@ def claimed_by_live_job(version: Path) -> bool:
 
 
 def describe(version: Path) -> str:
-    marks = [m for m in map(read_marker, sorted(version.glob("step_state*.json"))) if m]
+    marks = [m for m in map(read_marker, sorted(version.glob(run_folder.MARKER_GLOB))) if m]
     if not marks:
         marks = [m for m in (store_mod.read_claim(version),) if m]
     state = marks[0].get("state", "?") if marks else "no marker"

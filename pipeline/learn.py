@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pipeline import dag
+from pipeline import run_folder as rf
 from pipeline.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SEEDS = (1234, 777)
-STAGES = ("stage1", "stage2", "stage3")
+STAGES = rf.STAGES
 # Collapse-proof evaluation figures, shown when jobs/evaluate.py writes them (any metric
 # whose name contains one of these words); the first four are shown as n/a otherwise.
 EXTRA_WORDS = ("precision", "recall", "density", "coverage", "spread", "step_ratio", "_noise")
@@ -101,7 +102,7 @@ class Figures:
 # --- reading a run folder --------------------------------------------------------------
 
 def _steps(run_dir: Path) -> dict:
-    path = run_dir / "pipeline.json"
+    path = run_dir / rf.PIPELINE_STATE
     try:
         return json.loads(path.read_text()).get("steps", {})
     except (OSError, json.JSONDecodeError):
@@ -119,7 +120,7 @@ def _fresh(run: CorpusRun, step: str, path: Path, steps: dict) -> bool:
 
 
 def _json(run: CorpusRun, step: str, name: str, steps: dict) -> Optional[dict]:
-    path = run.run_dir / step / name
+    path = rf.step_dir(run.run_dir, step) / name
     if not _fresh(run, step, path, steps):
         return None
     try:
@@ -135,7 +136,7 @@ def _num(value: object) -> Optional[float]:
 
 def best_val_loss(run: CorpusRun, steps: dict) -> Optional[float]:
     """Stage 1's lowest finite val_loss in metrics.jsonl, else gate.json's "best"."""
-    path = run.run_dir / "stage1" / "metrics.jsonl"
+    path = rf.stage_file(run.run_dir, "stage1", rf.METRICS)
     losses = []
     if _fresh(run, "stage1", path, steps):
         for line in path.read_text().splitlines():
@@ -147,20 +148,20 @@ def best_val_loss(run: CorpusRun, steps: dict) -> Optional[float]:
                 losses.append(value)
     if losses:
         return min(losses)
-    gate = _json(run, "stage1", "gate.json", steps) or {}
+    gate = _json(run, "stage1", rf.GATE, steps) or {}
     best = _num(gate.get("best"))
     return best if best is not None and math.isfinite(best) else None
 
 
 def audit_verdict(run: CorpusRun, steps: dict) -> Optional[str]:
     """The audit's verdict word: a json in audit/ with a "verdict", else reading.txt."""
-    folder = run.run_dir / "audit"
+    folder = rf.step_dir(run.run_dir, rf.AUDIT)
     for path in sorted(folder.glob("*.json")):
-        data = _json(run, "audit", path.name, steps)
+        data = _json(run, rf.AUDIT, path.name, steps)
         if data and isinstance(data.get("verdict"), str):
             return data["verdict"]
-    reading = folder / "reading.txt"
-    if _fresh(run, "audit", reading, steps):
+    reading = folder / rf.AUDIT_READING
+    if _fresh(run, rf.AUDIT, reading, steps):
         found = re.search(r"^verdict:\s*(\S+)", reading.read_text(), re.MULTILINE)
         if found:
             return found.group(1)
@@ -191,13 +192,13 @@ def measure(run: CorpusRun) -> Figures:
     fig = Figures(values={t.key: None for t in TARGETS})
     fig.best_val = best_val_loss(run, steps)
     bases = {k[len("val_baseline_"):]: v for k, v in
-             (_json(run, "stage1", "baselines.json", steps) or {}).items()
+             (_json(run, "stage1", rf.BASELINES, steps) or {}).items()
              if k.startswith("val_baseline_") and _num(v) is not None and math.isfinite(v)}
     if bases:
         fig.baseline = min(bases.items(), key=lambda kv: kv[1])
         if fig.best_val is not None and fig.baseline[1] > 0:
             fig.values["stage1_margin"] = 1.0 - fig.best_val / fig.baseline[1]
-    metrics = (_json(run, "evaluate", "metrics.json", steps) or {}).get("metrics") or {}
+    metrics = (_json(run, rf.EVALUATE, rf.EVALUATE_METRICS, steps) or {}).get("metrics") or {}
     for key in ("diversity_ratio", "frechet_ratio"):
         fig.values[key] = _num(metrics.get(key))
     gen, real = _num(metrics.get("flatness_generated")), _num(metrics.get("flatness_real"))
@@ -208,7 +209,7 @@ def measure(run: CorpusRun) -> Figures:
                  if any(w in k for w in EXTRA_WORDS) and _num(v) is not None}
     fig.values["audit_verdict"] = audit_verdict(run, steps)
     for stage in STAGES:
-        gate = _json(run, stage, "gate.json", steps)
+        gate = _json(run, stage, rf.GATE, steps)
         fig.gates[stage] = (None if gate is None or "passed" not in gate
                             else (bool(gate["passed"]), str(gate.get("reason", ""))))
     fig.problems = step_problems(run, steps)
@@ -327,11 +328,11 @@ def run_corpus(name: str, run_dir: Path, seed: int, experiment: str,
     run.exit_code = _run_logged(cmd, log)
     if run.exit_code != 0:
         run.notes.append(f"pipeline exit code {run.exit_code} (log: {log})")
-        gate = _json(run, "stage3", "gate.json", _steps(run_dir))
-        trained = (run_dir / "stage3" / "last.pt").exists()
+        gate = _json(run, "stage3", rf.GATE, _steps(run_dir))
+        trained = rf.stage_file(run_dir, "stage3", rf.LAST).exists()
         if gate is not None and gate.get("passed") is False and trained:
-            for step in ("audit", "evaluate"):
-                out = run_dir / step / ("reading.txt" if step == "audit" else "metrics.json")
+            for step in (rf.AUDIT, rf.EVALUATE):
+                out = rf.audit_reading(run_dir) if step == rf.AUDIT else rf.evaluate_metrics(run_dir)
                 if not _fresh(run, step, out, {}):
                     code = _run_logged([sys.executable, "-m", f"jobs.{step}", "--run",
                                         str(run_dir)], log)

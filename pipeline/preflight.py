@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from pipeline import state
+from pipeline import run_folder, state
 from pipeline import store as store_mod
 from pipeline.config import ConfigError
 from pipeline.schema import Config
@@ -22,9 +22,9 @@ def preflight(cfg: Config, run_dir: Path, steps: list[str], sigs: dict[str, str]
     if cfg.run.name in store_mod.RESERVED:
         raise ConfigError(f"run.name = {cfg.run.name}: that folder under run.root is the "
                           "pipeline's own; pick another --run")
-    if "chunk" in steps:
+    if run_folder.CHUNK in steps:
         check_music(cfg)
-    if "encode" in steps and encode_will_run(cfg, run_dir, sigs["encode"], force):
+    if run_folder.ENCODE in steps and encode_will_run(cfg, run_dir, sigs[run_folder.ENCODE], force):
         check_weights(cfg)
     if cluster == "slurm":
         from pipeline.slurm_executor import extra_options
@@ -49,8 +49,8 @@ def check_music(cfg: Config) -> None:
 def encode_will_run(cfg: Config, run_dir: Path, signature: str, force: list[str]) -> bool:
     if force:
         return True
-    version = store_mod.choose(store_mod.store_root(cfg), "encode", signature, None, False)
-    return not (state.is_complete(run_dir, "encode", signature, None)
+    version = store_mod.choose(store_mod.store_root(cfg), run_folder.ENCODE, signature, None, False)
+    return not (state.is_complete(run_dir, run_folder.ENCODE, signature, None)
                 or state.folder_complete(version, signature))
 
 

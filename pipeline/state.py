@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from pipeline import run_folder
 from pipeline.atomic import atomic_write_json
 
-STATE_FILE = "pipeline.json"
+STATE_FILE = run_folder.PIPELINE_STATE
 COMPLETED, FAILED, RUNNING, PREEMPTED, INTERRUPTED = (
     "COMPLETED", "FAILED", "RUNNING", "PREEMPTED", "INTERRUPTED")
 
@@ -89,8 +90,7 @@ def find_job(data: dict, job_id: str) -> Optional[str]:
 
 def marker_path(run_dir: Path, step: str, shard: Optional[int] = None,
                 num_shards: Optional[int] = None) -> Path:
-    name = "step_state.json" if shard is None else f"step_state-{shard}-of-{num_shards}.json"
-    return Path(run_dir) / step / name
+    return run_folder.step_dir(run_dir, step) / run_folder.marker_name(shard, num_shards)
 
 
 def write_marker(run_dir: Path, step: str, state: str, signature: str,
@@ -124,8 +124,8 @@ def markers(run_dir: Path, step: str, num_shards: Optional[int] = None) -> list[
 def folder_markers(folder: Path, num_shards: Optional[int] = None) -> list[Optional[dict]]:
     """The markers in one step folder (a run's `<step>` or a store version)."""
     if num_shards is None:
-        return [read_marker(Path(folder) / "step_state.json")]
-    return [read_marker(Path(folder) / f"step_state-{i}-of-{num_shards}.json")
+        return [read_marker(Path(folder) / run_folder.MARKER)]
+    return [read_marker(Path(folder) / run_folder.marker_name(i, num_shards))
             for i in range(num_shards)]
 
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from pipeline import run_folder
 from pipeline.atomic import atomic_write_json
 from pipeline.config import ConfigError
 from pipeline.schema import Config
@@ -61,7 +62,7 @@ def next_version(store: Path, step: str, signature: str) -> Path:
 
 def linked(run_dir: Path, step: str) -> Optional[Path]:
     """The store version the run's step links to (None: no link)."""
-    path = Path(run_dir) / step
+    path = run_folder.step_dir(run_dir, step)
     return path.resolve() if path.is_symlink() else None
 
 
@@ -69,7 +70,7 @@ def link(run_dir: Path, step: str, version: Path) -> None:
     """Point `<run>/<step>` at `version` (atomically; a relative link, so the run root and
     its store can move together)."""
     version.mkdir(parents=True, exist_ok=True)
-    path = Path(run_dir) / step
+    path = run_folder.step_dir(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_symlink() and path.resolve() == version.resolve():
         return
@@ -85,7 +86,7 @@ def link(run_dir: Path, step: str, version: Path) -> None:
 def adopt(run_dir: Path, step: str, store: Path, signature_of: Optional[str]) -> Optional[Path]:
     """Move a run's own step folder (made before the store existed) into the store under
     the signature its markers name, and link it; nothing is deleted."""
-    path = Path(run_dir) / step
+    path = run_folder.step_dir(run_dir, step)
     if path.is_symlink() or not path.is_dir():
         return None
     name = version_name(signature_of) if signature_of else f"unsigned-{int(time.time())}"
