@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from jobs import checkpoint as ckpt_io
+from pipeline import codec_facts
 from pipeline import run_folder as rf
 from pipeline.atomic import atomic_path, atomic_write_text
 from pipeline.schema import Config
@@ -68,17 +69,17 @@ def wanted_epochs(found: dict[int, Path], every: int, first: int, last: int) -> 
     return sorted(e for e in expected | set(found) if lo <= e <= hi)
 
 
-def load_discriminator(path: Path, cfg: Config, codec: dict):
-    """The discriminator of checkpoint `path` in eval mode; raises ValueError saying why not."""
+def load_discriminator(path: Path, cfg: Config, manifest: dict):
+    """The discriminator of checkpoint `path` in eval mode, if its codec facts fit the run's
+    encode manifest (pipeline.codec_facts); raises ValueError saying why not."""
     from jobs.discriminator import build_discriminator
 
     state = ckpt_io.load(path)
     if state.get("discriminator") is None:
         raise ValueError("holds no discriminator")
-    other = state.get("codec") or {}
-    for key in ("codec", "sample_rate", "latent_dim", "frames"):
-        if key in other and key in codec and other[key] != codec[key]:
-            raise ValueError(f"codec {key} {other[key]!r} differs from the generator's {codec[key]!r}")
+    found = codec_facts.problems(manifest, state.get("codec") or {})
+    if found:
+        raise ValueError(f"other latents than this run's ({'; '.join(found)})")
     disc = build_discriminator(cfg)
     try:
         disc.load_state_dict(state["discriminator"])
@@ -282,7 +283,7 @@ def run(cfg: Config, run_dir: Path, gen_epoch: Optional[int] = None) -> dict:
             skipped.append(f"{name}: missing")
             continue
         try:
-            disc = load_discriminator(found[epoch], model_cfg, gen_state.get("codec") or {})
+            disc = load_discriminator(found[epoch], model_cfg, manifest)
         except (ValueError, FileNotFoundError) as exc:
             skipped.append(f"{name}: {exc}")
             continue

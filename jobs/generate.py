@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from jobs import checkpoint as ckpt_io
+from pipeline import codec_facts
 from pipeline import config as config_mod
 from pipeline import run_folder as rf
 from pipeline.atomic import atomic_path, atomic_write_json
@@ -39,34 +40,16 @@ from pipeline.schema import Config
 
 log = logging.getLogger(__name__)
 
-# Codec facts a checkpoint and the run's encode manifest must agree on.
-CODEC_KEYS = ("codec", "sample_rate", "frame_rate", "latent_dim", "frames", "kind",
-              "weights_sha256")
 STAGES = rf.STAGES
 
 
-class MismatchError(ValueError):
-    """A checkpoint that does not fit this run's encoded data."""
+MismatchError = codec_facts.MismatchError
 
 
 # --- checkpoints and codec ------------------------------------------------------------
 
 default_checkpoint = rf.default_checkpoint
 read_manifest = rf.read_encode_manifest
-
-
-def check_compatible(state: dict, manifest: dict, path: Path) -> None:
-    """Refuse a checkpoint whose codec or latent shape differs from the run's encoded data."""
-    codec = state.get("codec")
-    if not isinstance(codec, dict):
-        raise MismatchError(f"{path}: checkpoint records no codec description, so it cannot "
-                            "be matched to this run's encoded data")
-    problems = [f"{key}: checkpoint {codec[key]!r} vs run {manifest[key]!r}"
-                for key in CODEC_KEYS
-                if key in codec and key in manifest and codec[key] != manifest[key]]
-    if problems:
-        raise MismatchError(f"refusing {path}: it was trained on other latents than this run's "
-                            f"encode/manifest.json ({'; '.join(problems)})")
 
 
 def model_config(state: dict, path: Path) -> Config:
@@ -83,7 +66,7 @@ def load_generator(path: Path, manifest: dict, use_ema: bool = True):
     from jobs.generator import build_generator
 
     state = ckpt_io.load(path)
-    check_compatible(state, manifest, path)
+    codec_facts.check(manifest, state.get("codec"), str(path))
     cfg = model_config(state, path)
     if cfg.model.transformer.latent_dim != manifest.get("latent_dim"):
         raise MismatchError(f"refusing {path}: generator latent_dim "
