@@ -83,7 +83,8 @@ def train_songs(run_dir: Path) -> list[str]:
     if not path.exists():
         raise EncodeError(f"{path} not found: encode.augment.variants > 0 needs the pairs step "
                           "first (augmented variants are written for train songs only)")
-    return sorted({song for rec in rf.read_pairs(path) for song in (rec["song"], rec["target_song"])})
+    pairs = rf.read_pairs(path)
+    return sorted({song for rec in pairs for song in (rec["song"], rec["target_song"])})
 
 
 # --- plan --------------------------------------------------------------------------------
@@ -395,7 +396,8 @@ def build_manifest(codec: Codec, shards: Path, clean: list, aug: list, frames: i
     aug_shards, dropped, kept = [], {}, 0
     for k in range(len(aug)):
         info = json.loads((shards / AUG_PATTERN.format(k)).with_suffix(".json").read_text())
-        aug_shards.append({"file": f"{rf.SHARDS}/{AUG_PATTERN.format(k)}", "rows": len(info["rows"])})
+        aug_shards.append({"file": f"{rf.SHARDS}/{AUG_PATTERN.format(k)}",
+                           "rows": len(info["rows"])})
         for row, (song, chunk, params) in enumerate(info["rows"]):
             per_chunk = augmented.setdefault(song, [[] for _ in index[song]])
             per_chunk[chunk].append([k, row, params])

@@ -26,7 +26,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from jobs import checkpoint as ckpt_io
@@ -116,20 +115,18 @@ def batch_choice(cfg: Config, model_cfg: Config, state: dict, path: Path) -> tup
 def fixed_batches(cfg: Config, run_dir: Path, generator: torch.nn.Module, gen_epoch: int,
                   batch_size: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(fakes, reals, info): seeded pick of validation pairs; fakes made from them as stage 3
-    trained G_N (jobs.generate.make_fakes): continuation of the curriculum's view of the
+    trained G_N (jobs.fakes.make_fakes): continuation of the curriculum's view of the
     inputs, or the creative cascade on the curriculum's views of (input, target); reals =
     the clean targets."""
-    from jobs.generate import make_fakes
-    from jobs.pair_data import read_pairs
+    from jobs.fakes import make_fakes, pick_pairs
 
-    pairs = read_pairs(rf.pairs_file(run_dir, "val"))
+    pairs = rf.read_pairs(rf.pairs_file(run_dir, "val"))
     if len(pairs) < 2:
         raise AuditError(f"{rf.pairs_file(run_dir, 'val')} has {len(pairs)} pairs; the audit needs at "
                          "least 2 real validation chunks")
-    rng = np.random.default_rng(cfg.run.seed)
-    picks = rng.permutation(len(pairs))[:batch_size]
+    picks = pick_pairs(pairs, batch_size, cfg.run.seed, distinct=True)
     made = make_fakes(generator, cfg, run_dir, "stage3", gen_epoch, len(picks), cfg.run.seed,
-                      pairs=[pairs[i] for i in picks], from_real=True)
+                      pairs=picks, from_real=True)
     info = {"batch": len(picks), "asked_batch": batch_size, "alpha": made.alpha,
             "mode": made.mode, "val_pairs": len(pairs)}
     return made.latents, made.targets, info
@@ -256,7 +253,7 @@ def write_plot(path: Path, rows: list[dict], gen_epoch: int) -> None:
 
 def run(cfg: Config, run_dir: Path, gen_epoch: Optional[int] = None) -> dict:
     """Audit generator checkpoint gen_epoch (0/None = audit.gen_epoch, 0 there = last saved)."""
-    from jobs.generate import load_generator, model_config, read_manifest
+    from jobs.load_generator import load_generator, model_config
     from pipeline.tracking import step_run
 
     run_dir = Path(run_dir)
@@ -268,7 +265,7 @@ def run(cfg: Config, run_dir: Path, gen_epoch: Optional[int] = None) -> dict:
         raise AuditError(f"generator checkpoint {rf.epoch_checkpoint(stage_dir, gen_epoch)} not found "
                          f"(saved epochs with a generator: {full or 'none'}; older ones keep "
                          "only the discriminator, stage3.keep_last)")
-    manifest = read_manifest(run_dir)
+    manifest = rf.read_encode_manifest(run_dir)
     generator, gen_state = load_generator(found[gen_epoch], manifest, cfg.audit.use_ema)
     model_cfg = model_config(gen_state, found[gen_epoch])
     batch_size, batch_source, batch_text = batch_choice(cfg, model_cfg, gen_state, found[gen_epoch])
@@ -329,7 +326,7 @@ def run(cfg: Config, run_dir: Path, gen_epoch: Optional[int] = None) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from jobs.generate import load_run
+    from pipeline.config import load_run
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default=None, help="run folder, e.g. runs/demo")

@@ -5,7 +5,7 @@ It looks at concat(input, target) over channels [B, 256, T] with one attention l
 mask at frame t can depend on the whole chunk) and returns two sigmoid masks [B, 128, T].
 Sizes come from the transformer section of the config (d_model, heads, ff_mult, dropout).
 The mask losses (balance, coverage, overlap, temporal diversity) live in jobs/losses.py;
-jobs.generate.make_fakes runs the cascade, and so this agent, at inference.
+jobs.fakes.make_fakes runs the cascade, and so this agent, at inference.
 """
 from __future__ import annotations
 

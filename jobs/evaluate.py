@@ -196,16 +196,13 @@ def rms_db(wave: np.ndarray | torch.Tensor) -> float:
 
 def real_latents(run_dir: Path, split: str, n: int, seed: int) -> torch.Tensor:
     """Up to n distinct seeded picks of target chunks of a split: [n, 128, T] float32."""
-    from data_prep.latent_store import LatentStore
-    from jobs.pair_data import read_pairs
+    from jobs.fakes import pair_latents, pick_pairs
 
-    pairs = read_pairs(rf.pairs_file(run_dir, split))
+    pairs = rf.read_pairs(rf.pairs_file(run_dir, split))
     if len(pairs) < 2:
         raise ValueError(f"{rf.pairs_file(run_dir, split)} has {len(pairs)} pairs; need at least 2")
-    store = LatentStore(rf.step_dir(run_dir, rf.ENCODE))
-    picks = np.random.default_rng(seed).permutation(len(pairs))[:n]
-    return torch.stack([torch.from_numpy(np.asarray(
-        store.get(pairs[i]["target_song"], pairs[i]["target"]), np.float32)) for i in picks])
+    targets, = pair_latents(run_dir, pick_pairs(pairs, n, seed, distinct=True), ("target",))
+    return targets
 
 
 def frame_step(x: np.ndarray | torch.Tensor) -> float:
@@ -263,18 +260,18 @@ def noise_reference(noise: torch.Tensor, real: torch.Tensor, reference: torch.Te
 
 def run(cfg: Config, run_dir: Path) -> dict:
     """Evaluate the configured checkpoint against held-out real data; write metrics.json.
-    Its fakes are made as its stage trained it (jobs.generate.make_fakes): noise for a
+    Its fakes are made as its stage trained it (jobs.fakes.make_fakes): noise for a
     continuation generator, the cascade on validation pairs for a creative one."""
-    from jobs.generate import (checkpoint_origin, data_noise, default_checkpoint,
-                               load_generator, make_fakes, model_config, read_manifest,
-                               run_codec)
+    from jobs.fakes import data_noise, make_fakes
+    from jobs.load_generator import checkpoint_origin, load_generator, model_config
+    from jobs.samples import run_codec
     from pipeline.atomic import atomic_write_json
     from pipeline.tracking import step_run
 
     run_dir = Path(run_dir)
     ev = cfg.evaluate
-    path = default_checkpoint(run_dir, ev.checkpoint)
-    manifest = read_manifest(run_dir)
+    path = rf.default_checkpoint(run_dir, ev.checkpoint)
+    manifest = rf.read_encode_manifest(run_dir)
     generator, state = load_generator(path, manifest, ev.use_ema)
     real = real_latents(run_dir, "val", ev.n, ev.seed)
     reference = real_latents(run_dir, "train", ev.n, ev.seed)
@@ -310,7 +307,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.generate import MismatchError, load_run
+    from pipeline.codec_facts import MismatchError
+    from pipeline.config import load_run
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default=None, help="run folder, e.g. runs/demo")

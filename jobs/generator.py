@@ -162,7 +162,7 @@ class Generator(nn.Module):
         taken at their means: stage 3 trained the generator on drawn latents, and from
         noise the means alone carry next to no movement in time (one spectrum per sample).
         A creative generator makes music from (input, target) pairs instead: forward(...,
-        "creative"); jobs.generate.make_fakes picks the path a checkpoint was trained on."""
+        "creative"); jobs.fakes.make_fakes picks the path a checkpoint was trained on."""
         return self.network(noise, sample=True)["output"]
 
 

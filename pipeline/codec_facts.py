@@ -38,8 +38,8 @@ def problems(manifest: dict, recorded: dict) -> list[str]:
     """Why latents described by `manifest` do not fit a checkpoint that recorded `recorded`
     ("key: checkpoint X vs run Y" each); empty when they fit."""
     keys = [k for k in COMPARED_KEYS if k != "bandwidth" or manifest.get("kind") == "codes"]
-    return [f"{key}: checkpoint {recorded[key]!r} vs run {manifest[key]!r}"
-            for key in keys if key in recorded and key in manifest and recorded[key] != manifest[key]]
+    return [f"{key}: checkpoint {recorded[key]!r} vs run {manifest[key]!r}" for key in keys
+            if key in recorded and key in manifest and recorded[key] != manifest[key]]
 
 
 def check(manifest: dict, recorded: object, what: str) -> None:

@@ -350,3 +350,17 @@ def load_resolved(run_dir: Path) -> Config:
         return from_dict(yaml.safe_load(path.read_text()) or {})
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def load_run(run: str | None) -> tuple[Config, Path]:
+    """Config and folder of a run: run_dir/config.resolved.yaml (default run: runs/<run.name>)."""
+    if run is None:
+        base = load()
+        run = str(Path(base.run.root) / base.run.name)
+    run_dir = Path(run)
+    path = run_folder.config_file(run_dir)
+    if not path.exists():
+        runs = sorted(str(p.parent) for p in run_dir.parent.glob(f"*/{run_folder.CONFIG_FILE}"))
+        raise SystemExit(f"no resolved config at {path}: pass --run <run folder>"
+                         + (f" (run folders here: {', '.join(runs)})" if runs else ""))
+    return load_resolved(run_dir), run_dir

@@ -68,7 +68,8 @@ def test_audit_table_plot_reading_and_mlflow(fresh):
 def test_fixed_batches_are_seeded_and_follow_the_generator_epoch(fresh):
     cfg, run_dir = fresh
     save_stage3(cfg, run_dir, [1, 2, 3])
-    from jobs.generate import load_generator, read_manifest
+    from jobs.load_generator import load_generator
+    from pipeline.run_folder import read_encode_manifest as read_manifest
     manifest = read_manifest(run_dir)
     g2, _ = load_generator(run_dir / "stage3" / "epoch_2.pt", manifest)
     g3, _ = load_generator(run_dir / "stage3" / "epoch_3.pt", manifest)

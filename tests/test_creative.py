@@ -10,10 +10,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from jobs import audit, checkpoint as ckpt_io, evaluate, generate
+from jobs import audit, checkpoint as ckpt_io, evaluate, fakes, generate, samples
 from jobs.generator import build_generator
+from jobs.load_generator import load_generator
 from jobs.losses import generator_losses
-from pipeline import config
+from pipeline import config, run_folder
 from tests.tiny_gan_run import build_run, save_stage3
 
 TINY_MODEL = ["model.transformer.d_model=32", "model.transformer.layers=1",
@@ -118,9 +119,9 @@ def test_evaluation_and_audit_use_the_cascade(creative_run, tmp_path):
     assert (metrics["metrics"]["diversity_generated"]
             != bent_metrics["metrics"]["diversity_generated"])
     assert metrics["mode"] == "creative"
-    manifest = generate.read_manifest(run_dir)
-    g, _ = generate.load_generator(last, manifest)
-    g_bent, _ = generate.load_generator(bent, manifest)
+    manifest = run_folder.read_encode_manifest(run_dir)
+    g, _ = load_generator(last, manifest)
+    g_bent, _ = load_generator(bent, manifest)
     fakes, reals, info = audit.fixed_batches(cfg, run_dir, g, 2, 4)
     fakes_bent, reals_bent, _ = audit.fixed_batches(cfg, run_dir, g_bent, 2, 4)
     assert info["mode"] == "creative" and torch.equal(reals, reals_bent)
@@ -140,13 +141,13 @@ class FileTracker:
 def test_per_epoch_samples_use_the_cascade(creative_run, tmp_path):
     cfg, run_dir = creative_run
     last = run_dir / "stage3" / "last.pt"
-    manifest = generate.read_manifest(run_dir)
+    manifest = run_folder.read_encode_manifest(run_dir)
     logged = []
     for path in (last, perturbed(last, tmp_path / "p.pt")):
-        g, _ = generate.load_generator(path, manifest)
+        g, _ = load_generator(path, manifest)
         g.train()
         tracker = FileTracker()
-        generate.log_samples(cfg, run_dir, g, 2, tracker)     # stage3 is the default
+        samples.log_samples(cfg, run_dir, g, 2, tracker)     # stage3 is the default
         assert g.training
         logged.append(tracker.files)
     assert logged[0]["samples/epoch_2/sample_0.wav"] != logged[1]["samples/epoch_2/sample_0.wav"]
@@ -160,7 +161,7 @@ def test_cli_runs_the_cascade_on_chosen_pairs(creative_run, tmp_path, capsys):
     assert generate.main(["--run", str(run_dir), "--list-pairs"]) == 0
     listing = capsys.readouterr().out.strip().splitlines()
     first = json.loads((run_dir / "pairs" / "val.jsonl").read_text().splitlines()[0])
-    assert listing[0] == f"0\t{generate.pair_name(first)}"
+    assert listing[0] == f"0\t{fakes.pair_name(first)}"
     out = tmp_path / "pair"
     code = generate.main(["--run", str(run_dir), "--pair", "1", "--pair", "0",
                           "--input-song", first["song"], "--input-chunk", "1",

@@ -10,8 +10,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from jobs import generate
-from pipeline import config
+from jobs import fakes, generate, samples
+from jobs.load_generator import load_generator
+from pipeline import config, run_folder
 from pipeline.tracking import step_run, tracking_uri
 from tests.conftest import make_cfg
 from tests.tiny_gan_run import TINY, build_run, codec_description, save_stage3
@@ -29,7 +30,7 @@ def tiny_run(tmp_path_factory):
 def test_files_lengths_sample_rate(tiny_run):
     cfg, run_dir = tiny_run
     result = generate.run(cfg, run_dir)
-    manifest = generate.read_manifest(run_dir)
+    manifest = run_folder.read_encode_manifest(run_dir)
     out = run_dir / "generate"
     assert result["checkpoint"].endswith("stage3/last.pt") and result["n"] == cfg.generate.n == 3
     for i in range(3):
@@ -59,10 +60,10 @@ def test_same_seed_same_audio_other_seed_or_temperature_differs(tiny_run, tmp_pa
 
 def test_noise_is_scaled_by_temperature_and_real_latent_std(tiny_run):
     cfg, run_dir = tiny_run
-    stds = generate.reference_stds(run_dir, 64, seed=0)
+    stds = fakes.reference_stds(run_dir, 64, seed=0)
     assert stds.min() > 0
-    cold = generate.make_noise(stds, 128, 75, 0.5, seed=0)
-    hot = generate.make_noise(stds, 128, 75, 1.0, seed=0)
+    cold = fakes.make_noise(stds, 128, 75, 0.5, seed=0)
+    hot = fakes.make_noise(stds, 128, 75, 1.0, seed=0)
     assert np.allclose(cold.numpy() * 2, hot.numpy())
     measured = hot.std(dim=(1, 2))
     assert np.allclose(measured.numpy(), stds.numpy(), rtol=0.1)
@@ -109,11 +110,11 @@ def test_refuses_weights_that_do_not_fit_and_cli_says_why(tiny_run, tmp_path, ca
 
 def test_log_samples_puts_audio_and_spectrograms_in_mlflow(tiny_run):
     cfg, run_dir = tiny_run
-    generator, _ = generate.load_generator(run_dir / "stage3" / "epoch_2.pt",
-                                           generate.read_manifest(run_dir))
+    generator, _ = load_generator(run_dir / "stage3" / "epoch_2.pt",
+                                  run_folder.read_encode_manifest(run_dir))
     generator.train()
     with step_run(cfg, run_dir, "stage3") as tracker:
-        generate.log_samples(cfg, run_dir, generator, 2, tracker)
+        samples.log_samples(cfg, run_dir, generator, 2, tracker)
     assert generator.training   # left as it was
     client = mlflow.MlflowClient(tracking_uri(cfg))
     run_id = json.loads((run_dir / "stage3" / "mlflow_run.json").read_text())["run_id"]

@@ -12,7 +12,8 @@ import torch
 
 from jobs import audit, distributed, evaluate, generate, train, train_state
 from jobs.ema import Ema
-from jobs.generate import load_generator, read_manifest
+from jobs.load_generator import load_generator
+from pipeline.run_folder import read_encode_manifest as read_manifest
 from jobs.train_step import generator_step
 from tests.train_fixtures import load_ckpt, make_run, mlflow_store, run, torchrun_cmd
 

@@ -45,7 +45,7 @@ def build_run(root: Path, *overrides: str):
 
 def codec_description(run_dir: Path) -> dict:
     """The codec facts of the run's encode manifest, as a checkpoint records them."""
-    from jobs.generate import read_manifest
+    from pipeline.run_folder import read_encode_manifest as read_manifest
 
     manifest = read_manifest(run_dir)
     return {k: manifest[k] for k in CODEC_KEYS if k in manifest}
