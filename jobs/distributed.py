@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,9 +57,20 @@ def node_list() -> list[str]:
     return names.split(",") if names else [socket.gethostname()]
 
 
-def teardown() -> None:
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.destroy_process_group()
+def teardown(together: bool = False) -> None:
+    """Leave the process group; `together`: first wait (at most a minute) for every rank,
+    so none tears its connections down while another still uses them."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return
+    if together:
+        try:
+            if tdist.get_backend() == "gloo":
+                tdist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            else:
+                tdist.barrier()
+        except RuntimeError as exc:
+            print(f"[distributed] ranks did not meet before leaving: {exc}", file=sys.stderr)
+    tdist.destroy_process_group()
 
 
 def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:

@@ -386,16 +386,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     run_dir = args.run_dir.resolve()
     stop = distributed.StopSignal().install()
     info = distributed.setup()
+    ended = False
     try:
         cfg = load_config(run_dir)
-        return run_stage(cfg, run_dir, args.stage, info, stop)
+        code = run_stage(cfg, run_dir, args.stage, info, stop)
+        ended = True
+        return code
     except BadInput as exc:
         print(f"[{args.stage}] bad input: {exc}", file=sys.stderr)
         if info.is_main and run_dir.exists():
             write_exit(run_dir / args.stage, EXIT_BAD_INPUT, str(exc), None)
         return EXIT_BAD_INPUT
     finally:
-        distributed.teardown()
+        distributed.teardown(together=ended)
         stop.uninstall()
 
 

@@ -278,12 +278,17 @@ def requeue_for_time_limit(cfg: Config, run_dir: Path, name: str, signature: str
     return False
 
 
+def this_node() -> str:
+    """This node's name in the allocation."""
+    nodes, rank = job_nodes(), node_rank()
+    return nodes[rank] if rank < len(nodes) else socket.gethostname()
+
+
 def write_node_record(run_dir: Path, stage: str, child: "Child", code: int) -> None:
     """This node's end of a failed training run, for the lead's reason."""
     rank = node_rank()
-    nodes = job_nodes()
     atomic_write_json(Path(run_dir) / stage / f"node-{rank}.json", {
-        "node": nodes[rank] if rank < len(nodes) else socket.gethostname(), "rank": rank,
+        "node": this_node(), "rank": rank,
         "exit_code": code, "deaths": child.deaths, "signals": child.signals,
         "job_id": os.environ.get("SLURM_JOB_ID", ""), "at": time.time()})
 
@@ -293,13 +298,15 @@ def other_nodes_report(run_dir: Path, stage: str, since: float, wait_s: float = 
     others = range(1, max(1, len(job_nodes())))
     deadline = time.time() + wait_s
     found: dict[int, dict] = {}
-    while others and len(found) < len(others) and time.time() < deadline:
+    while others and len(found) < len(others):
         for rank in others:
             record = state.read_marker(Path(run_dir) / stage / f"node-{rank}.json")
             if record and record.get("at", 0) >= since and \
                     record.get("job_id") == os.environ.get("SLURM_JOB_ID", ""):
                 found[rank] = record
         if len(found) < len(others):
+            if time.time() >= deadline:
+                break
             time.sleep(1)
     parts = []
     for rank, rec in sorted(found.items()):
@@ -335,6 +342,10 @@ def _run_training(cfg: Config, run_dir: Path, stage: str, signature: str) -> Non
     os.environ["PIPELINE_NODES"] = ",".join(job_nodes())    # into the checkpoint and MLflow
     child = Child(train_command(cfg, run_dir, stage))
     code = child.run()
+    if code == 0 and node_rank() == 0:
+        others = other_nodes_report(run_dir, stage, started, wait_s=0)
+        if others:     # this node ended well but another did not
+            raise StepFailed(f"{stage} failed on another node: {others}")
     if code == 0:
         return
     if node_rank() > 0:
@@ -354,7 +365,7 @@ def _run_training(cfg: Config, run_dir: Path, stage: str, signature: str) -> Non
         raise Interrupted(f"{stage} stopped by {child.signals} (exit {code})")
     if code == EXIT_GATE:
         raise StepFailed(_gate_reason(run_dir, stage))
-    deaths = [f"node {job_nodes()[0]} (node rank 0): {', '.join(child.deaths)}"] \
+    deaths = [f"node {this_node()} (node rank {node_rank()}): {', '.join(child.deaths)}"] \
         if child.deaths else []
     others = other_nodes_report(run_dir, stage, started) if node_rank() == 0 else ""
     where = "; ".join(deaths + ([others] if others else []))

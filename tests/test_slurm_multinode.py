@@ -205,7 +205,7 @@ def test_drained_node_status_says_why_jobs_wait(base, root):
         print(text)
         assert text.splitlines()[0] == "run drained: RUNNING"
         assert "node n2 drained: test: n2 is drained" in text
-        assert any(word in row["note"] for word in ("ReqNodeNotAvail", "Resources",
+        assert any(word in row["note"] for word in ("ReqNodeNotAvail", "Resources", "Nodes_required",
                                                      "PartitionNodeLimit")), row
     finally:
         subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], check=True)
