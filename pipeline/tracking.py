@@ -150,22 +150,42 @@ def _log_headline_params(client: Any, run_id: str, cfg: Config, run_dir: Path) -
         client.log_artifact(run_id, str(config))
 
 
-def log_parent_results(cfg: Config, run_dir: Path, metrics: dict, tags: dict) -> None:
-    """Headline results of a step (e.g. stage1/best_val_loss, tag audit.verdict) onto the
-    parent run, from the step's job: on SLURM the driver is gone when steps end."""
+def log_parent_results(cfg: Config, run_dir: Path, metrics: dict, tags: dict,
+                       step: str = "") -> None:
+    """Headline results of `step` (e.g. stage1/best_val_loss, tag audit.verdict) onto the
+    parent run, and onto those of the runs sharing the step (sharing_parents), from the
+    step's job: on SLURM the driver is gone when steps end."""
     from mlflow.entities import Metric
     if not metrics and not tags:
         return
     mlflow, _ = _setup(cfg)
-    client = mlflow.MlflowClient()
-    parent = ensure_parent_run(cfg, run_dir)
     now = int(time.time() * 1000)
     # 4 decimals: a headline, readable in the runs table; the step runs keep every digit
     batch = [Metric(k, round(float(v), 4), now, 0) for k, v in metrics.items() if v is not None]
-    if batch:
-        client.log_batch(parent, metrics=batch)
-    for key, value in tags.items():
-        client.set_tag(parent, key, str(value))
+    for client, parent in [(mlflow.MlflowClient(), ensure_parent_run(cfg, run_dir))] + [
+            (mlflow.MlflowClient(uri), run_id) for uri, run_id in sharing_parents(run_dir, step)]:
+        if batch:
+            client.log_batch(parent, metrics=batch)
+        for key, value in tags.items():
+            client.set_tag(parent, key, str(value))
+
+
+def sharing_parents(run_dir: Path, step: str) -> list[tuple[str, str]]:
+    """(store URI, parent run id) of the other runs under the same root whose `step` links
+    to the same store version as this run's: a step built once for several runs (a
+    sweep's shared stages) gives its results to each of their parent runs."""
+    top = step.split("/")[0]
+    mine = Path(run_dir) / top
+    if not mine.is_symlink():
+        return []
+    out = []
+    for other in sorted(Path(run_dir).resolve().parent.iterdir()):
+        link, record = other / top, other / PARENT_FILE
+        if (other != Path(run_dir).resolve() and link.is_symlink() and record.exists()
+                and link.resolve() == mine.resolve()):
+            found = json.loads(record.read_text())
+            out.append((found["uri"], found["run_id"]))
+    return out
 
 
 def runs_page(cfg: Config, ui: str = "http://127.0.0.1:5000") -> str:
@@ -361,7 +381,7 @@ def step_run(cfg: Config, run_dir: Path, step: str, rank: int = 0,
         yield tracker
         status = "FINISHED"
         tracker._call("headline results on the parent run", lambda: log_parent_results(
-            cfg, run_dir, *run_summary.step_results(cfg, run_dir, step)))
+            cfg, run_dir, *run_summary.step_results(cfg, run_dir, step), step=step))
     finally:
         tracker._call(f"end of the run ({status})", lambda: mlflow.end_run(status=status))
 

@@ -224,3 +224,20 @@ def test_cuda_memory_figures_go_under_system(monkeypatch):
     assert {tracking.metric_name(k, "stage3") for k in figures} == {
         "system/cuda_peak_reserved_mb", "system/cuda_total_mb", "system/cuda_alloc_retries",
         "system/cuda_ooms"}
+
+
+def test_a_step_shared_through_the_store_gives_its_results_to_every_run_linking_it(tmp_path):
+    root = tmp_path / "runs"
+    version = root / "store" / "stage1" / "abc"
+    version.mkdir(parents=True)
+    (version / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_loss": 2.0}) + "\n")
+    cfg_a, cfg_b = make_cfg(tmp_path, "run.name=a"), make_cfg(tmp_path, "run.name=b")
+    for name in ("a", "b"):
+        (root / name).mkdir()
+        (root / name / "stage1").symlink_to(version)
+    tracking.log_parent_params(cfg_b, root / "b")       # b waits on a's job for stage 1
+    with tracking.step_run(cfg_a, root / "a", "stage1"):
+        pass
+    client = client_of(cfg_a)
+    for name in ("a", "b"):
+        assert client.get_run(parent_of(root / name)).data.metrics["stage1/best_val_loss"] == 2.0
