@@ -326,7 +326,6 @@ def run(cfg: Config, run_dir: Path) -> dict:
     from pipeline.config import write_resolved
 
     run_dir = Path(run_dir)
-    reuse_freed_memory()   # the encoder allocates its big intermediates anew every batch
     out, shards = rf.step_dir(run_dir, rf.ENCODE), rf.encode_shards(run_dir)
     enc = cfg.encode
     arrays, samples = open_songs(run_dir)
@@ -420,6 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", required=True, type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    reuse_freed_memory()   # the encoder allocates its big intermediates anew every batch
     manifest = run(load_resolved(args.run_dir), args.run_dir)
     print(json.dumps({k: manifest[k] for k in ("codec", "kind", "pretrained", "songs", "rows",
                                                "frames")}

@@ -225,3 +225,19 @@ def test_write_shard_refuses_a_wrong_row_count(tmp_path):
     encode.write_shard(path, iter([torch.ones(2, 4, 5), torch.ones(1, 4, 5)]), 3, 4, 5)
     out = np.load(path)
     assert out.dtype == np.float16 and out.shape == (3, 4, 5) and out.sum() == 60
+
+
+def test_memory_tuning_is_the_entry_points_not_the_librarys(tmp_path, uri, monkeypatch):
+    """glibc's mallopt is process-wide: encode.run (what tests and launch call) leaves it
+    alone; only the step's entry point, encode.main, asks glibc to keep freed memory."""
+    from pipeline import malloc
+
+    calls = []
+    monkeypatch.setattr(malloc, "_applied", False)
+    monkeypatch.setattr(malloc, "_mallopt", lambda: lambda *args: calls.append(args) or 1)
+    cfg, run_dir, _ = setup_run(tmp_path, uri, {"a": 2, "b": 2, "c": 2}, *MEL)
+    encode.run(cfg, run_dir)
+    assert calls == [] and not malloc.applied()
+    write_resolved(cfg, run_dir)
+    encode.main(["--run-dir", str(run_dir)])
+    assert (malloc.M_MMAP_MAX, 0) in calls and malloc.applied()
