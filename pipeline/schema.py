@@ -231,7 +231,7 @@ class AuditConfig:
 class EvaluateConfig:
     n: int                    # generated and real samples compared
     seed: int                 # noise seed (repeatable numbers)
-    checkpoint: str           # "" = the run's stage3 best.pt
+    checkpoint: str           # "" = the run's stage3 last.pt (run_folder.default_checkpoint)
     fft_size: int             # STFT size for spectral flatness
     use_ema: bool             # the generator's EMA weights when the checkpoint has them
 
@@ -241,7 +241,7 @@ class GenerateConfig:
     n: int
     temperature: float
     seed: int
-    checkpoint: str           # "" = stage3 best.pt of the run
+    checkpoint: str           # "" = the run's stage3 last.pt (run_folder.default_checkpoint)
     griffin_lim_iters: int
     use_ema: bool             # the generator's EMA weights when the checkpoint has them
 
