@@ -12,15 +12,17 @@ import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline import run_folder as rf
 from pipeline.schema import Config
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("stage1", "stage2", "stage3")
+STAGES = rf.STAGES
 
 
 def sweep_tags(cfg: Config) -> dict[str, str]:
     """Tags `sweep` and `sweep.point` from run.sweep / run.sweep_point, when set."""
-    tags = {"sweep": getattr(cfg.run, "sweep", ""), "sweep.point": getattr(cfg.run, "sweep_point", "")}
+    tags = {"sweep": getattr(cfg.run, "sweep", ""),
+            "sweep.point": getattr(cfg.run, "sweep_point", "")}
     return {k: str(v) for k, v in tags.items() if v}
 
 
@@ -90,15 +92,16 @@ def data_results(cfg: Config, run_dir: Path, step: str) -> Results:
     pairs per split; encoded latents."""
     metrics: dict[str, float] = {}
     if step == "pairs":
-        shards = [_json(p) for p in sorted((run_dir / "chunk").glob("summary-*.json"))]
+        chunk = rf.step_dir(run_dir, "chunk")
+        shards = [_json(p) for p in sorted(chunk.glob(rf.CHUNK_SUMMARY_GLOB))]
         if shards:
             metrics |= {f"data/{k}": sum(s.get(k, 0) for s in shards)
                         for k in ("audio_hours", "ok", "failed", "chunks")}
             metrics["data/songs"] = metrics.pop("data/ok")
-        summary = _json(run_dir / "pairs" / "summary.json")
+        summary = _json(rf.pairs_summary(run_dir))
         metrics |= {f"data/{k}": summary[k] for k in ("pairs_train", "pairs_val") if k in summary}
     if step == "encode":
-        manifest = _json(run_dir / "encode" / "manifest.json")
+        manifest = _json(rf.encode_manifest(run_dir))
         if "rows" in manifest:
             metrics["data/latents"] = manifest["rows"]
     return metrics, {}
@@ -106,7 +109,7 @@ def data_results(cfg: Config, run_dir: Path, step: str) -> Results:
 
 def stage_results(cfg: Config, run_dir: Path, stage: str) -> Results:
     """Best and last validation loss, epochs run, the gate, parameter counts."""
-    path = run_dir / stage / "metrics.jsonl"
+    path = rf.stage_file(run_dir, stage, rf.METRICS)
     lines = path.read_text().splitlines() if path.exists() else []
     history = [json.loads(line) for line in lines if line.strip()]
     losses = [h["val_loss"] for h in history if math.isfinite(h.get("val_loss", math.nan))]
@@ -114,7 +117,7 @@ def stage_results(cfg: Config, run_dir: Path, stage: str) -> Results:
     if losses:
         metrics |= {f"{stage}/best_val_loss": min(losses), f"{stage}/last_val_loss": losses[-1],
                     f"{stage}/epochs": history[-1].get("epoch", len(history))}
-    gate = _json(run_dir / stage / "gate.json")
+    gate = rf.read_gate(run_dir, stage) or {}
     if "passed" in gate:
         metrics[f"{stage}/gate_passed"] = float(gate["passed"])
     metrics |= parameter_counts(cfg, stage)
@@ -141,7 +144,7 @@ def parameter_counts(cfg: Config, stage: str) -> dict[str, float]:
 
 def audit_results(cfg: Config, run_dir: Path, step: str) -> Results:
     """The audit's verdict (tag audit.verdict) from its reading."""
-    reading = run_dir / "audit" / "reading.txt"
+    reading = rf.audit_reading(run_dir)
     lines = reading.read_text().splitlines() if reading.exists() else []
     verdicts = [line.split(":", 1)[1].strip() for line in lines if line.startswith("verdict:")]
     return {}, ({"audit.verdict": verdicts[-1]} if verdicts else {})
@@ -149,14 +152,14 @@ def audit_results(cfg: Config, run_dir: Path, step: str) -> Results:
 
 def evaluate_results(cfg: Config, run_dir: Path, step: str) -> Results:
     """The evaluation's ratios (generated vs real, 1 = like the real data) as eval/<name>."""
-    figures = _json(run_dir / "evaluate" / "metrics.json").get("metrics", {})
+    figures = _json(rf.evaluate_metrics(run_dir)).get("metrics", {})
     return {f"eval/{k}": v for k, v in figures.items()
             if k.endswith("_ratio") and isinstance(v, (int, float))}, {}
 
 
 def generate_results(cfg: Config, run_dir: Path, step: str) -> Results:
     """How many samples generate wrote and from which checkpoint."""
-    made = _json(run_dir / "generate" / "generate.json")
+    made = _json(rf.step_dir(run_dir, "generate") / rf.GENERATE_RECORD)
     if not made:
         return {}, {}
     return ({"generate/samples": len(made.get("samples", []))},
