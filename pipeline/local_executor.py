@@ -75,7 +75,7 @@ class LocalExecutor(Executor):
         with ProcessPoolExecutor(max_workers=1, mp_context=self._ctx) as pool:
             return pool.submit(fn, *args).result()
 
-    def _run_one(self, cmd: list[str], log: Path) -> int:
+    def run_command(self, cmd: list[str], log: Path) -> int:
         """Run `python -m pipeline.launch <args>` (forked from the warm server on Linux);
         its exit code."""
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +113,7 @@ class LocalExecutor(Executor):
         shards = sub.shards if sub.shards is not None else [None]
         for shard in shards:
             name = sub.step if shard is None else f"{sub.step}-{shard}-of-{sub.num_shards}"
-            code = self._run_one(self.command(sub, shard), logs / f"{name}.log")
+            code = self.run_command(self.command(sub, shard), logs / f"{name}.log")
             if self.cancelled:
                 return Submitted(job_id, "CANCELLED", reason="cancelled (SIGTERM)")
             if code != 0:
