@@ -271,7 +271,7 @@ def process_file(job: tuple) -> tuple[dict, bool]:
     if reusable(prev, sha, spec, songs_dir):
         return prev, True
     rec["song_id"] = sid = song_id(sha, relpath)
-    out = songs_dir / f"{sid}.npy"
+    out = rf.song_array(songs_dir, sid)
     for stale in songs_dir.glob(f".{sid}.npy.tmp-*"):
         stale.unlink(missing_ok=True)  # left by a killed run; only this shard owns this id
     try:
@@ -287,7 +287,7 @@ def process_file(job: tuple) -> tuple[dict, bool]:
             rec.update(recovered=recovered.record(), reason=recovered.note())
         if not spec.max_chunks or rec["chunks"] < spec.max_chunks:
             rec["duration_s"] = round(decoded / spec.sample_rate, 3)
-        rec.update(array=f"songs/{out.name}", status="ok")
+        rec.update(array=f"{rf.SONGS}/{out.name}", status="ok")
     except NoChunks as exc:
         rec.update(status="skipped", reason=str(exc))
     except Exception as exc:  # one broken file must not stop the shard; it is recorded

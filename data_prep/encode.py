@@ -317,7 +317,7 @@ def encode_augmented(codec: Codec, arrays: dict[str, np.ndarray], groups: list,
         path = shards / AUG_PATTERN.format(k)
         write_shard(path, iter(latents), sum(len(z) for z in latents), codec.latent_dim,
                     frames)
-        atomic_write_json(path.with_suffix(".json"),
+        atomic_write_json(rf.shard_listing(path),
                           {"rows": meta, "dropped": dropped, "sources": len(groups[k])})
 
 
@@ -343,7 +343,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     aug = [aug_rows[i:i + per_aug] for i in range(0, len(aug_rows), per_aug)]
     todo_clean = [k for k in range(len(clean)) if not (shards / CLEAN_PATTERN.format(k)).exists()]
     todo_aug = [k for k in range(len(aug))
-                if not (shards / AUG_PATTERN.format(k)).with_suffix(".json").exists()]
+                if not rf.shard_listing(shards / AUG_PATTERN.format(k)).exists()]
     n_clean = sum(len(clean[k]) for k in todo_clean)
     n_aug = sum(len(aug[k]) for k in todo_aug)
     log.info("encode: %d chunks of %d songs in %d shards, %d chunks to encode, %d train chunks "
@@ -394,7 +394,7 @@ def build_manifest(codec: Codec, shards: Path, clean: list, aug: list, frames: i
     augmented: dict[str, list] = {}
     aug_shards, dropped, kept = [], {}, 0
     for k in range(len(aug)):
-        info = json.loads((shards / AUG_PATTERN.format(k)).with_suffix(".json").read_text())
+        info = json.loads(rf.shard_listing(shards / AUG_PATTERN.format(k)).read_text())
         aug_shards.append({"file": f"{rf.SHARDS}/{AUG_PATTERN.format(k)}",
                            "rows": len(info["rows"])})
         for row, (song, chunk, params) in enumerate(info["rows"]):

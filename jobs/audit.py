@@ -259,7 +259,7 @@ def run(cfg: Config, run_dir: Path, gen_epoch: Optional[int] = None) -> dict:
     run_dir = Path(run_dir)
     stage_dir, out = rf.step_dir(run_dir, "stage3"), rf.step_dir(run_dir, rf.AUDIT)
     found = saved_epochs(stage_dir)
-    full = [e for e, p in found.items() if not p.name.endswith("_d.pt")]
+    full = [e for e, p in found.items() if not EPOCH_FILE.match(p.name).group(2)]
     gen_epoch = gen_epoch or cfg.audit.gen_epoch or (max(full) if full else 0)
     if gen_epoch not in full:
         raise AuditError(f"generator checkpoint {rf.epoch_checkpoint(stage_dir, gen_epoch)} not found "

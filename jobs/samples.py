@@ -97,7 +97,8 @@ def write_samples(out_dir: Path, fakes: Fakes, waves: torch.Tensor, sample_rate:
     records = []
     for i, title in enumerate(fakes.titles):
         title = prefix + title
-        wav, png = out_dir / f"sample_{i}.wav", out_dir / f"sample_{i}.png"
+        files = rf.sample_files(out_dir, i)
+        wav, png = files["wav"], files["png"]
         gain = write_wav(wav, waves[i].cpu().numpy(), sample_rate)
         write_spectrogram(png, fakes.latents[i].numpy(), frame_rate, title, codec_name)
         record = {"wav": str(wav), "png": str(png), "samples": int(waves[i].shape[-1]),
@@ -106,7 +107,7 @@ def write_samples(out_dir: Path, fakes: Fakes, waves: torch.Tensor, sample_rate:
             record["pair"] = dict(fakes.pairs[i])
         if fakes.masks is not None:
             m_in, m_tgt = (m[i].numpy() for m in fakes.masks)
-            record["masks"] = str(out_dir / f"masks_{i}.png")
+            record["masks"] = str(files["masks"])
             write_masks(Path(record["masks"]), m_in, m_tgt, frame_rate, title)
             record |= {"mask_in_mean": float(m_in.mean()), "mask_tgt_mean": float(m_tgt.mean()),
                        "complementarity": 1.0 - float((m_in * m_tgt).mean())}

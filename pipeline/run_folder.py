@@ -73,6 +73,11 @@ def summary_for_manifest(manifest: Path) -> str:
     return manifest.name.replace("manifest-", "summary-").replace(".jsonl", ".json")
 
 
+def song_array(songs_folder: Path, song_id: str) -> Path:
+    """songs/<song_id>.npy; the manifest's "array" is its path relative to chunk/."""
+    return Path(songs_folder) / f"{song_id}.npy"
+
+
 def songs_dir(run_dir: Path) -> Path:
     """chunk/songs/: one [chunks, channels, samples] array per song."""
     return step_dir(run_dir, CHUNK) / SONGS
@@ -121,6 +126,11 @@ SHARDS = "shards"
 CLEAN_SHARD = "latents-{:05d}.npy"
 AUG_SHARD = "aug-{:05d}.npy"
 SHARD_PREFIXES = {"clean": "latents-", "aug": "aug-"}
+
+
+def shard_listing(shard: Path) -> Path:
+    """aug-<k>.json beside augmented shard aug-<k>.npy: the variants it holds."""
+    return Path(shard).with_suffix(".json")
 
 
 def encode_manifest(run_dir: Path) -> Path:
@@ -198,6 +208,12 @@ def read_exit(run_dir: Path, stage: str) -> Optional[dict]:
 
 
 # --- audit, generate, evaluate -----------------------------------------------------------
+
+def sample_files(out_dir: Path, i: int) -> dict[str, Path]:
+    """A generated sample's files: wav, png (spectrogram) and masks (creative only)."""
+    return {"wav": Path(out_dir) / f"sample_{i}.wav", "png": Path(out_dir) / f"sample_{i}.png",
+            "masks": Path(out_dir) / f"masks_{i}.png"}
+
 
 AUDIT_CSV = "audit.csv"
 AUDIT_PNG = "audit.png"
