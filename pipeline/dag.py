@@ -3,8 +3,10 @@
 A step's signature is a sha256 over three things:
   1. the resolved config sections the step reads (SECTIONS below),
   2. its code version: the source of its entry module and of every module of the
-     `data_prep` and `jobs` packages it imports, directly or not (editing any of them
-     reruns the step; the orchestration code under `pipeline/` is not part of it),
+     `data_prep` and `jobs` packages it imports, directly or not, and of the two
+     `pipeline` modules that decide what a step reads and accepts (CODE_MODULES: the run
+     folder's layout, the codec rule); editing any of them reruns the step; the
+     orchestration code under `pipeline/` is not part of it,
   3. the signatures of the steps it depends on (so a change anywhere upstream reruns
      everything downstream).
 Resources (GPUs, nodes, time) and the run name are not in it: they change where and how
@@ -25,6 +27,7 @@ from pipeline.schema import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 CODE_PACKAGES = ("data_prep", "jobs")
+CODE_MODULES = ("pipeline.run_folder", "pipeline.codec_facts")
 TRAIN_STEPS = ("stage1", "stage2", "stage3")
 
 
@@ -123,7 +126,7 @@ def _project_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         for name in names:
-            if name.split(".")[0] in CODE_PACKAGES:
+            if name.split(".")[0] in CODE_PACKAGES or name in CODE_MODULES:
                 try:
                     module_file(name)
                     found.add(name)

@@ -72,6 +72,15 @@ def test_editing_imported_code_changes_the_signature(tmp_path, monkeypatch):
         dag.code_files.cache_clear()
 
 
+def test_the_run_folder_layout_and_codec_rule_are_step_code():
+    """They moved out of jobs/ into pipeline/: editing them must still rerun the steps."""
+    files = {p.name for p in dag.code_files("jobs.generate")}
+    assert {"generate.py", "fakes.py", "load_generator.py", "samples.py", "run_folder.py",
+            "codec_facts.py"} <= files
+    assert "run_folder.py" in {p.name for p in dag.code_files("data_prep.pairs")}
+    assert "launch.py" not in files and "state.py" not in files   # orchestration is not
+
+
 def test_markers_decide_completion_and_unfinished_shards(tmp_path):
     run_dir = tmp_path / "r"
     state.write_marker(run_dir, "chunk", state.COMPLETED, "sig", 0, 3)
