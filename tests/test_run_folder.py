@@ -50,3 +50,15 @@ def test_layout_module_imports_no_steps():
     source = open(rf.__file__).read()
     assert "import data_prep" not in source and "from data_prep" not in source
     assert "import jobs" not in source and "from jobs" not in source
+
+
+def test_chunk_encode_and_sample_files(tmp_path):
+    songs = rf.songs_dir(tmp_path)
+    assert songs == tmp_path / "chunk" / "songs"
+    assert rf.song_array(songs, "s1").relative_to(tmp_path / "chunk").as_posix() == "songs/s1.npy"
+    shard = rf.encode_shards(tmp_path) / rf.AUG_SHARD.format(3)
+    assert rf.shard_listing(shard).name == "aug-00003.json"
+    assert rf.CLEAN_SHARD.format(0).startswith(rf.SHARD_PREFIXES["clean"])
+    files = rf.sample_files(tmp_path, 2)
+    assert {k: p.name for k, p in files.items()} == {
+        "wav": "sample_2.wav", "png": "sample_2.png", "masks": "masks_2.png"}
