@@ -114,12 +114,8 @@ bench: $(STAMP)  ## Benchmarks against baselines; writes docs/benchmarks.md
 # Host headers the server accepts (jobs reach it by this machine's name or a private IP).
 MLFLOW_ALLOWED_HOSTS ?= localhost:*,127.0.0.1:*,$(shell hostname):*,$(shell hostname -f):*,10.*,192.168.*,172.*
 
-mlflow-server: $(STAMP)  ## MLflow tracking server for a cluster: jobs log to http://<this host>:PORT
-	mkdir -p runs
-	@echo "jobs log here with: OVERRIDES=mlflow.tracking_uri=http://$$(hostname -f):$(or $(PORT),5000)"
-	.venv/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow-server.db \
-	  --artifacts-destination $(CURDIR)/runs/mlartifacts --host $(or $(HOST),0.0.0.0) --port $(or $(PORT),5000) \
-	  --allowed-hosts '$(MLFLOW_ALLOWED_HOSTS)'
+mlflow-server: $(STAMP)  ## MLflow tracking server (basic auth; credentials in ~/.config/musicgen, mode 600): PORT=5000
+	$(PY) -m pipeline.mlflow_server --root runs --host $(or $(HOST),0.0.0.0) --port $(or $(PORT),5000)
 
 mlflow-ui: $(STAMP)  ## Look at the runs: http://127.0.0.1:5000
 	.venv/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --port $(or $(PORT),5000)

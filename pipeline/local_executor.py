@@ -73,7 +73,7 @@ class LocalExecutor(Executor):
         if self._ctx is None:
             return fn(*args)
         with ProcessPoolExecutor(max_workers=1, mp_context=self._ctx) as pool:
-            return pool.submit(fn, *args).result()
+            return pool.submit(_with_env, dict(os.environ), fn, *args).result()
 
     def run_command(self, cmd: list[str], log: Path) -> int:
         """Run `python -m pipeline.launch <args>` (forked from the warm server on Linux);
@@ -151,6 +151,14 @@ class LocalExecutor(Executor):
             return ""
         return (f"driver gone ({entry.get('driver', 'its driver')} no longer runs this run):"
                 f" python -m pipeline.resume --job {step} --run {run_dir}")
+
+
+def _with_env(env: dict[str, str], fn: Callable[..., T], *args: Any) -> T:
+    """In the forked child: the driver's environment as it is now (the server's is from its
+    start, before e.g. the tracking credentials were set), then fn(*args)."""
+    os.environ.clear()
+    os.environ.update(env)
+    return fn(*args)
 
 
 def _launch_logged(argv: list[str], log: str, env: dict[str, str]) -> None:

@@ -27,6 +27,7 @@ from pipeline import dag, state, tracking
 from pipeline import store as store_mod
 from pipeline.config import ConfigError
 from pipeline.preflight import preflight
+from pipeline.mlflow_server import export_credentials
 from pipeline.driver_lock import RunBusy, driver_identity, driver_lock
 from pipeline.backends import make_executor, prestart, resolve_cluster
 from pipeline.executor import LIVE_STATES, Executor, Submission, Submitted
@@ -311,6 +312,16 @@ def continue_stage(cfg: Config, run_dir: Path, stage: str) -> None:
     section.continue_from = str(last.resolve())
 
 
+def tracking_checks(cfg: Config, cluster: str) -> None:
+    """A tracking server's credentials go to the jobs through the environment; on SLURM a
+    sqlite store on a shared file system gets a warning (a server serialises the writes)."""
+    export_credentials(cfg.mlflow.tracking_uri)
+    if cluster == "slurm" and not cfg.mlflow.tracking_uri:
+        log("warning: MLflow logs to a sqlite file in run.root; many jobs on many nodes writing "
+            "one sqlite file on a network file system lose updates to its locking. Start "
+            "`make mlflow-server` and set mlflow.tracking_uri=http://<host>:5000")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
@@ -328,6 +339,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 raise ConfigError(f"--force {name}: not a step of target {args.target} ({steps})")
         sigs = dag.signatures(cfg, steps)   # every step's code must exist before anything is queued
         preflight(cfg, run_dir_of(cfg), steps, sigs, args.force, cluster)
+        tracking_checks(cfg, cluster)
     except (ConfigError, dag.DagError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
