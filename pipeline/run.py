@@ -152,6 +152,7 @@ def submit_steps(cfg: Config, run_dir: Path, steps: list[str], executor: Executo
                 if not dry_run:
                     state.record_step(run_dir, name, signature=sig, skipped_at=state.now(),
                                       version=str(version))
+                    executor.call(tracking.log_step_results, cfg, run_dir, name)
                 continue
             other = None if dry_run else shared_job(executor, version, run_dir)
             if other:
@@ -231,7 +232,7 @@ def prepare_run(cfg: Config, run_dir: Path, executor: Executor, steps: list[str]
 
 
 def finish_parent(cfg: Config, run_dir: Path, executor: Executor, ok: bool) -> None:
-    """Close the MLflow parent run once a local run has ended (SLURM runs leave it open)."""
+    """Close the MLflow parent run once a local run has ended (on SLURM: pipeline.parent_run)."""
     parent = state.load(run_dir).get("mlflow_parent")
     if parent:
         executor.call(tracking.end_parent_run, cfg, parent, ok)
@@ -244,6 +245,7 @@ def demo_report(cfg: Config, run_dir: Path) -> None:
     print(f"audit plot    : {run_dir / 'audit' / 'audit.png'}")
     print(f"evaluation    : {run_dir / 'evaluate' / 'metrics.json'}")
     print(f"MLflow store  : {uri}")
+    print(f"runs table    : {tracking.runs_page(cfg)}")
     print(f"look at it    : .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000")
 
 
@@ -375,7 +377,8 @@ def drive(cfg: Config, run_dir: Path, executor: Executor, steps: list[str],
         f"{time.monotonic() - began:.1f} s; run folder {run_dir}")
     ended = state.load(run_dir)["steps"]
     failed = [s for s in jobs if ended[s].get("state") in ("FAILED", "CANCELLED")]
-    if executor.synchronous:   # every step has ended: the driver closes the parent run
+    if executor.synchronous or not jobs:   # every step has ended (or was complete already):
+        # the driver closes the parent run; on SLURM the job that ends the chain does (parent_run)
         finish_parent(cfg, run_dir, executor, not failed)
     if failed:
         return 1

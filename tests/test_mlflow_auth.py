@@ -107,3 +107,36 @@ def test_a_credentials_file_others_can_read_is_refused(tmp_path):
     path.chmod(0o640)
     with pytest.raises(CredentialsError, match="chmod 600"):
         read_credentials(path)
+
+
+HAS_SLURM = subprocess.run(["sinfo"], capture_output=True).returncode == 0 \
+    if __import__("shutil").which("sinfo") else False
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(not HAS_SLURM, reason="no SLURM cluster here: run `make slurm-up` (as root) first")
+def test_sixteen_jobs_of_an_array_log_to_the_server_and_nothing_is_lost(auth_server):
+    import submitit
+
+    from bench.mlflow_load import burst, count, most_at_once
+    url, creds = auth_server["url"], auth_server["creds"]
+    user, password = read_credentials(creds)
+    tasks, steps, metrics = 16, 60, 5
+    old = dict(os.environ)
+    os.environ.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
+    try:   # sbatch exports the submitter's environment: the jobs get the credentials
+        ex = submitit.SlurmExecutor(folder=auth_server["tmp"] / "load-logs" / "%j")
+        ex.update_parameters(cpus_per_task=1, mem="300M", time=15, array_parallelism=tasks)
+        jobs = ex.map_array(burst, [url] * tasks, ["load"] * tasks, [steps] * tasks,
+                            [metrics] * tasks)
+        results = [job.result() for job in jobs]
+        stored = count(url, "load")
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    assert sorted(int(r["task"]) for r in results) == list(range(tasks))
+    assert stored == {f"task-{i}": steps * metrics for i in range(tasks)}
+    overlap = most_at_once([(r["began"], r["ended"]) for r in results])
+    print(f"{tasks} jobs on {sorted({r['host'] for r in results})}, at most {overlap} logging "
+          f"at once; {tasks * steps * metrics} points sent, {sum(stored.values())} stored")
+    assert overlap >= 2
