@@ -42,7 +42,8 @@ def tracking_uri(cfg: Config) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
-def _setup(cfg: Config):
+def setup(cfg: Config):
+    """(mlflow, the experiment's id) with the tracking URI set and the experiment made."""
     os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
     import mlflow
     uri = tracking_uri(cfg)
@@ -52,10 +53,10 @@ def _setup(cfg: Config):
     # drivers and jobs starting together on a fresh sqlite store would race to create its
     # tables (one dies with a raw SQLAlchemy error): one process at a time sets it up
     with file_lock(Path(uri[len("sqlite:///"):]).with_suffix(".setup.lock")):
-        return _setup_sqlite(cfg, mlflow)
+        return setup_sqlite_store(cfg, mlflow)
 
 
-def _setup_sqlite(cfg: Config, mlflow: Any):
+def setup_sqlite_store(cfg: Config, mlflow: Any):
     if mlflow.get_experiment_by_name(cfg.mlflow.experiment) is None:
         # a sqlite store would put artifacts in ./mlruns of whatever folder a job starts
         # in; keep them beside the store instead
@@ -95,7 +96,7 @@ def ensure_parent_run(cfg: Config, run_dir: Path) -> str:
 
 
 def _create_parent(cfg: Config, run_dir: Path, path: Path) -> str:
-    mlflow, exp_id = _setup(cfg)
+    mlflow, exp_id = setup(cfg)
     client = mlflow.MlflowClient()
     tags = {"pipeline.run_dir": str(Path(run_dir).resolve()), **run_summary.sweep_tags(cfg)}
     run = client.create_run(exp_id, run_name=cfg.run.name, tags=tags)   # RUNNING, no end time
@@ -111,7 +112,7 @@ def tag_parent_run(cfg: Config, run_dir: Path, tags: dict) -> Optional[str]:
     parent run when the store is free (None here)."""
     def tag() -> str:
         parent = ensure_parent_run(cfg, run_dir)
-        mlflow, _ = _setup(cfg)
+        mlflow, _ = setup(cfg)
         client = mlflow.MlflowClient()
         for key, value in tags.items():
             client.set_tag(parent, key, str(value))
@@ -158,7 +159,7 @@ def log_parent_results(cfg: Config, run_dir: Path, metrics: dict, tags: dict,
     from mlflow.entities import Metric
     if not metrics and not tags:
         return
-    mlflow, _ = _setup(cfg)
+    mlflow, _ = setup(cfg)
     now = int(time.time() * 1000)
     # 4 decimals: a headline, readable in the runs table; the step runs keep every digit
     batch = [Metric(k, round(float(v), 4), now, 0) for k, v in metrics.items() if v is not None]
@@ -191,7 +192,7 @@ def sharing_parents(run_dir: Path, step: str) -> list[tuple[str, str]]:
 def runs_page(cfg: Config, ui: str = "http://127.0.0.1:5000") -> str:
     """The UI address of the experiment's runs table, in MLflow 3's "Model training" view
     (its default view is GenAI; the browser remembers the choice)."""
-    mlflow, exp_id = _setup(cfg)
+    mlflow, exp_id = setup(cfg)
     return f"{ui}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
 
 
@@ -199,7 +200,7 @@ def end_parent_run(cfg: Config, run_id: str, ok: bool) -> None:
     """Mark the parent run FINISHED or FAILED (local runs, once every step has ended); a
     store still busy after the patience is reported, not raised."""
     def end() -> None:
-        mlflow, _ = _setup(cfg)
+        mlflow, _ = setup(cfg)
         mlflow.MlflowClient().set_terminated(run_id, status="FINISHED" if ok else "FAILED")
     _or_report(lambda: patiently(end, cfg.mlflow.busy_patience_s), "the parent run's end")
 
@@ -389,7 +390,7 @@ def step_run(cfg: Config, run_dir: Path, step: str, rank: int = 0,
 def _open_step(cfg: Config, run_dir: Path, step: str, system_metrics: Optional[bool],
                patience: float, errors: Path):
     """(mlflow, its StepTracker) with the step's child run started."""
-    mlflow, exp_id = _setup(cfg)
+    mlflow, exp_id = setup(cfg)
     parent = ensure_parent_run(cfg, run_dir)
     child_file = Path(run_dir) / step / CHILD_FILE
     config_key = section_hash(cfg)

@@ -65,7 +65,7 @@ def test_the_experiment_opens_on_training_runs_and_steps_log_grouped_names(tmp_p
 
 def test_runs_page_opens_the_training_view(tmp_path):
     cfg = make_cfg(tmp_path)
-    exp = tracking._setup(cfg)[1]
+    exp = tracking.setup(cfg)[1]
     assert tracking.runs_page(cfg, "http://h:1") == \
         f"http://h:1/#/experiments/{exp}/runs?workflowType=machine_learning"
 

@@ -124,7 +124,7 @@ def test_drivers_starting_together_on_a_fresh_store_all_get_it(tmp_path):
             "from tests.conftest import make_cfg\nfrom pipeline import tracking\n"
             "from pathlib import Path\n"
             "cfg = make_cfg(Path(sys.argv[2]))\n"
-            "print(tracking._setup(cfg)[1])\n")
+            "print(tracking.setup(cfg)[1])\n")
     repo = str(Path(__file__).resolve().parent.parent)
     procs = [subprocess.Popen([sys.executable, "-c", code, repo, str(tmp_path)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
