@@ -142,8 +142,8 @@ class SlurmExecutor(Executor):
 
 
 # squeue reasons of a job that waits for nodes (busy, down, drained or too few)
-NODE_REASONS = ("Resources", "ReqNodeNotAvail", "Nodes_required", "PartitionNodeLimit",
-                "NodeDown", "BadConstraints")
+NODE_REASONS = ("Resources", "ReqNodeNotAvail", "Nodes_required", "Nodes required",
+                "PartitionNodeLimit", "NodeDown", "BadConstraints")
 
 
 def waits_for_nodes(reason: str) -> bool:
