@@ -21,10 +21,10 @@ import torch
 import torchaudio
 
 from pipeline.schema import EncodeConfig
+from pipeline.codec_facts import WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "encodec_24khz-d7cc33bc.th"
 MODEL_RATE = 24000
 FRAME_RATE = 75
 LATENT_DIM = 128

@@ -20,9 +20,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-SNDFILE_EXTS = {".mp3", ".wav", ".flac", ".ogg", ".oga", ".aif", ".aiff"}
-FFMPEG_EXTS = {".m4a", ".aac", ".mp4"}
-AUDIO_EXTS = SNDFILE_EXTS | FFMPEG_EXTS
+from pipeline.run_folder import AUDIO_EXTS, FFMPEG_EXTS, SNDFILE_EXTS  # noqa: F401
 
 
 class AudioError(ValueError):

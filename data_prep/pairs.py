@@ -36,7 +36,7 @@ class PairsError(ValueError):
 
 def ok_songs(run_dir: Path) -> dict[str, dict]:
     """song_id -> chunk manifest record, for every ok record with chunks (sorted by id)."""
-    from data_prep.chunk import collect_manifest
+    from pipeline.chunk_manifest import collect_manifest
 
     records = collect_manifest(Path(run_dir))
     if not records:

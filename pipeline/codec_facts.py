@@ -16,6 +16,8 @@ side is not compared, so checkpoints from before a key was recorded still load.
 """
 from __future__ import annotations
 
+WEIGHTS_FILE = "encodec_24khz-d7cc33bc.th"   # the EnCodec 24 kHz weights encode.weights_dir must hold
+
 RECORDED_KEYS = ("codec", "sample_rate", "frame_rate", "latent_dim", "frames", "dtype", "kind",
                  "pretrained", "weights_sha256", "bandwidth", "use_codes")
 COMPARED_KEYS = ("codec", "sample_rate", "frame_rate", "latent_dim", "frames", "kind",

@@ -12,7 +12,9 @@ from typing import Optional
 
 from pipeline import run_folder, state
 from pipeline import store as store_mod
+from pipeline.codec_facts import WEIGHTS_FILE
 from pipeline.config import ConfigError
+from pipeline.run_folder import AUDIO_EXTS
 from pipeline.schema import Config
 
 
@@ -40,7 +42,6 @@ def check_music(cfg: Config) -> None:
     if not source.is_dir():
         raise ConfigError(f"data.source = {cfg.data.source}: no such folder (DATA=...); "
                           "nothing was submitted")
-    from data_prep.decode import AUDIO_EXTS
     if not any(p.suffix.lower() in AUDIO_EXTS for p in source.rglob("*")):
         raise ConfigError(f"data.source = {cfg.data.source}: no audio files in it (looked for "
                           f"{', '.join(sorted(AUDIO_EXTS))}, at any depth); nothing was submitted")
@@ -58,7 +59,6 @@ def check_weights(cfg: Config) -> None:
     """EnCodec's weights are in place when encode will use them."""
     if cfg.encode.codec != "encodec" or not cfg.encode.pretrained:
         return
-    from data_prep.codec_encodec import WEIGHTS_FILE
     weights = Path(cfg.encode.weights_dir) / WEIGHTS_FILE
     if not weights.is_file():
         raise ConfigError(f"encode needs the EnCodec weights {weights.resolve()}, which are "

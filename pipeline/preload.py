@@ -7,18 +7,19 @@ a file, a database or a thread: a forked child must not share any of those.
 """
 from __future__ import annotations
 
+import importlib
+
 import mlflow  # noqa: F401
 import numpy  # noqa: F401
 import sqlalchemy.orm
 import torch  # noqa: F401
 from mlflow.store.tracking import sqlalchemy_store  # noqa: F401
 
-import data_prep.chunk  # noqa: F401
-import data_prep.encode  # noqa: F401
-import data_prep.pairs  # noqa: F401
-import jobs.audit  # noqa: F401
-import jobs.evaluate  # noqa: F401
-import jobs.generate  # noqa: F401
 import pipeline.launch  # noqa: F401
+from pipeline import dag
+
+for _step in dag.STEPS.values():      # every step's code (training runs in its own process)
+    if _step.kind != "train":
+        importlib.import_module(_step.module)
 
 sqlalchemy.orm.configure_mappers()   # class-level work, done once instead of per step

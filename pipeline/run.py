@@ -219,9 +219,6 @@ def prepare_run(cfg: Config, run_dir: Path, executor: Executor, steps: list[str]
     """Write the resolved config, record the submission, and open the MLflow parent run."""
     data = state.load(run_dir)
     _write_config(cfg, run_dir, live_jobs(executor, data))
-    if "chunk" in steps and not cfg.data.source:
-        from data_prep.corpus import ensure_corpus
-        ensure_corpus(cfg, run_dir)
     tags = {f"submit.{key}": value for key, value in params.items()}
     parent = executor.call(tracking.tag_parent_run, cfg, run_dir, tags)
 
@@ -253,7 +250,7 @@ def data_report(run_dir: Path) -> None:
     """What the data steps made: files ok/skipped/failed (with reasons), hours, chunks,
     pairs, latents, and where each output is."""
     import json
-    from data_prep.chunk import format_summary, summarize
+    from pipeline.chunk_manifest import format_summary, summarize
     if (run_dir / "chunk").is_dir():
         print(f"chunk   : {run_dir / 'chunk'}")
         print("  " + format_summary(summarize(run_dir)).replace("\n", "\n  "))

@@ -12,6 +12,13 @@ import re
 from pathlib import Path
 from typing import Optional
 
+# --- the input: a music folder ---------------------------------------------------------
+
+SNDFILE_EXTS = {".mp3", ".wav", ".flac", ".ogg", ".oga", ".aif", ".aiff"}   # libsndfile reads
+FFMPEG_EXTS = {".m4a", ".aac", ".mp4"}                                    # ffmpeg reads
+AUDIO_EXTS = SNDFILE_EXTS | FFMPEG_EXTS   # files with these extensions are the input
+
+
 # --- steps and run-level files ---------------------------------------------------------
 
 CHUNK, PAIRS, ENCODE = "chunk", "pairs", "encode"

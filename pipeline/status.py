@@ -57,7 +57,7 @@ def latest_metric(run_dir: Path, step: str) -> str:
             return f"epoch {last.get('epoch', len(lines))} " + \
                 " ".join(f"{k}={last[k]:.4g}" for k in keys)
         if step == "chunk":
-            from data_prep.chunk import summarize
+            from pipeline.chunk_manifest import summarize
             summary = summarize(run_dir)
             return " ".join(f"{k}={summary[k]}" for k in ("ok", "skipped", "failed", "chunks")
                             if k in summary)
