@@ -93,6 +93,18 @@ def wait_parent_end(run_dir: Path, timeout: float = 60) -> dict:
     raise TimeoutError(f"no {parent_run.END_FILE} in {run_dir}")
 
 
+def test_nodes_and_gpus_options_shape_the_training_jobs(root):
+    """`make train-stage3 NODES=2 GPUS=2` = pipeline.run stage3 --nodes 2 --gpus 2."""
+    res = submit("stage3", root, "dry", "--nodes", "2", "--gpus", "2", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    scripts = res.stdout.split("# ---- ")[1:]
+    train = [s for s in scripts if s.startswith(("stage1", "stage2", "stage3"))]
+    assert len(train) == 3
+    for script in train:
+        assert "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-node=2" in script
+    assert all("#SBATCH --nodes=1" in s for s in scripts if s not in train)
+
+
 @pytest.fixture(scope="module")
 def two_nodes(base, root) -> dict:
     """Stage 3 on two nodes x two processes, and on one node x four processes."""
