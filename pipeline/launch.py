@@ -420,12 +420,12 @@ def run_step(run_dir: Path | str, name: str, signature: str, shard: Optional[int
                 mark(run_dir, name, kind_of_end, signature, shard, num_shards,
                      reason=reason[:2000])
             if kind_of_end == state.FAILED:
-                parent_run.close_quietly(cfg, run_dir)
+                parent_run.close_quietly(cfg, run_dir, name)
         raise
     if lead:
         mark(run_dir, name, state.COMPLETED, signature, shard, num_shards,
              finished=state.now())
-        parent_run.close_quietly(cfg, run_dir)
+        parent_run.close_quietly(cfg, run_dir, name)
     return state.COMPLETED
 
 

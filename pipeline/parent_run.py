@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from pipeline import dag, state
+from pipeline import dag, state, store
 from pipeline.atomic import atomic_write_json
 from pipeline.file_lock import file_lock
 from pipeline.schema import Config
@@ -74,15 +74,27 @@ def close_if_ended(cfg: Config, run_dir: Path) -> Optional[str]:
         return status
 
 
-def close_quietly(cfg: Config, run_dir: Path) -> None:
-    """close_if_ended for a job's last act: a problem is reported, never raised."""
-    try:
-        status = close_if_ended(cfg, run_dir)
-        if status:
-            print(f"[pipeline] the chain has ended: MLflow parent run {status}",
+def close_quietly(cfg: Config, run_dir: Path, step: str = "") -> None:
+    """close_if_ended for a job's last act, for its run and for every other run whose
+    `step` links to the same store version (they waited on this job); a problem is
+    reported, never raised."""
+    runs = [(cfg, Path(run_dir))]
+    if step:
+        from pipeline.config import load_resolved
+        for other in store.sharing_runs(run_dir, step):
+            try:
+                runs.append((load_resolved(other), other))
+            except Exception:   # not a pipeline run folder (any more)
+                continue
+    for run_cfg, folder in runs:
+        try:
+            status = close_if_ended(run_cfg, folder)
+            if status:
+                print(f"[pipeline] the chain of {folder.name} has ended: MLflow parent run "
+                      f"{status}", file=sys.stderr, flush=True)
+        except Exception as exc:   # the step's own result matters more than the parent run
+            print(f"[pipeline] could not close the parent run of {folder.name}: {exc}",
                   file=sys.stderr, flush=True)
-    except Exception as exc:   # the step's own result matters more than the parent run
-        print(f"[pipeline] could not close the parent run: {exc}", file=sys.stderr, flush=True)
 
 
 ENDED_BAD = ("FAILED", "LOST", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")

@@ -123,6 +123,17 @@ def refs(root: Path) -> dict[Path, list[str]]:
     return out
 
 
+def sharing_runs(run_dir: Path, step: str) -> list[Path]:
+    """The other runs under the same root whose `step` links to the same version as this
+    run's (a step built once for several runs)."""
+    mine = linked(run_dir, step)
+    if mine is None:
+        return []
+    root = Path(run_dir).resolve().parent
+    return [other for other in sorted(root.iterdir()) if other.name not in RESERVED
+            and other != Path(run_dir).resolve() and linked(other, step) == mine]
+
+
 def all_versions(store: Path) -> list[Path]:
     """Every version folder in the store, step by step."""
     if not store.is_dir():

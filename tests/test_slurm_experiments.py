@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -68,3 +69,19 @@ def test_continue_a_stage_on_slurm(sweep):
               (new / "metrics.jsonl").read_text().splitlines() if '"epoch"' in line]
     assert epochs[-1] == 2 and epochs.count(2) == 1
     assert json.loads((new / "continued.json").read_text())
+
+
+def test_a_run_that_only_waits_on_another_runs_job_has_its_parent_run_closed(sweep):
+    root = sweep["root"]
+    same = ["stage1.epochs=1", "stage1.lr=3e-3"]
+    first = submit("stage1", root, "c1", *same)
+    second = submit("stage1", root, "c2", *same)
+    assert first.returncode == 0 and second.returncode == 0, second.stderr[-2000:]
+    assert "stage1: being built by job" in second.stderr       # c2 queued nothing of its own
+    for run in ("c1", "c2"):
+        wait_for(root / run, ["stage1"], timeout=300)
+    deadline = time.monotonic() + 60
+    while not (root / "c2" / "parent_end.json").exists():
+        assert time.monotonic() < deadline, "c2's parent run was never closed"
+        time.sleep(1)
+    assert json.loads((root / "c2" / "parent_end.json").read_text())["status"] == "FINISHED"

@@ -71,3 +71,15 @@ def test_gc_lists_only_versions_no_run_links_to_and_deletes_only_when_told(tmp_p
     assert unused.is_dir()
     assert gc.main(["--root", str(root), "--delete"]) == 0
     assert not unused.exists() and used.is_dir() and (root / "a" / "encode").is_dir()
+
+
+def test_sharing_runs_are_the_other_runs_linking_the_same_version(tmp_path):
+    root = tmp_path / "runs"
+    shared, other = root / "store" / "stage1" / "s", root / "store" / "stage1" / "o"
+    for run in ("a", "b"):
+        store.link(root / run, "stage1", shared)
+    store.link(root / "c", "stage1", other)
+    (root / "mlflow.db").write_text("")
+    assert store.sharing_runs(root / "a", "stage1") == [(root / "b").resolve()]
+    assert store.sharing_runs(root / "c", "stage1") == []
+    assert store.sharing_runs(root / "a", "stage2") == []
