@@ -17,6 +17,7 @@ from pathlib import Path
 from bench.child import run_child
 from bench.inputs import subset_folder, throughput_corpus
 from bench.report import Row
+from pipeline import run_folder as rf
 
 TARGET = 0.9
 
@@ -62,7 +63,7 @@ def measure_encode(source: str, run_root: str, codec: str, sample_rate: int,
     model.encode(waves[:batch_size])  # warm the kernels for both paths
     step_s, compute_s = [], []
     for _ in range(repeats + 1):   # pass 1 warms up (the heap grows, kernels are built)
-        shutil.rmtree(run_dir / "encode", ignore_errors=True)
+        shutil.rmtree(rf.step_dir(run_dir, rf.ENCODE), ignore_errors=True)
         start = time.perf_counter()
         manifest = encode_step(cfg, run_dir)
         step_s.append(time.perf_counter() - start)

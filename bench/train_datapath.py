@@ -18,6 +18,7 @@ from pathlib import Path
 from bench.child import run_child
 from bench.inputs import subset_folder, throughput_corpus
 from bench.report import Row
+from pipeline import run_folder as rf
 
 SPEEDUP_TARGET = 10.0
 WAIT_LIMIT = 0.05
@@ -45,7 +46,7 @@ def prepare(cfg, run_dir: Path, max_pairs: int) -> int:
     write_resolved(cfg, run_dir)
     run_shard(cfg, run_dir, 0, 1)
     pairs.run(cfg, run_dir)
-    train = run_dir / "pairs" / "train.jsonl"
+    train = rf.pairs_file(run_dir, "train")
     lines = [line for line in train.read_text().splitlines() if line.strip()][:max_pairs]
     atomic_write_text(train, "\n".join(lines) + "\n")
     encode.run(cfg, run_dir)
@@ -69,11 +70,11 @@ def baseline_epoch(cfg, run_dir: Path) -> dict:
 
     info = distributed.setup()
     scfg = cfg.stage1
-    store = LatentStore(run_dir / "encode")
+    store = LatentStore(rf.step_dir(run_dir, rf.ENCODE))
     ctx = train.build_context(cfg, run_dir, "stage1", info, train.codec_description(store, cfg))
     arrays, _ = open_songs(run_dir)
     codec = load_codec(cfg.encode, cfg.data.sample_rate, "cpu", seed=cfg.run.seed)
-    pairs = read_pairs(run_dir / "pairs" / "train.jsonl")
+    pairs = read_pairs(rf.pairs_file(run_dir, "train"))
     dataset = EncodecInGetitem(pairs, {k: np.asarray(v) for k, v in arrays.items()}, codec)
     sampler = GlobalBatchSampler(len(dataset), scfg.batch_size, 0, 1, cfg.run.seed)
     sampler.set_epoch(1)
@@ -107,7 +108,7 @@ def measure(source: str, run_root: str, sample_rate: int, chunk_seconds: float,
     if code not in (train.EXIT_OK, train.EXIT_GATE):
         raise RuntimeError(f"stage 1 exited with {code}: {(run_dir / 'stage1' / 'exit.json').read_text()}")
     epochs = [json.loads(line) for line in
-              (run_dir / "stage1" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+              rf.stage_file(run_dir, "stage1", rf.METRICS).read_text().splitlines() if line.strip()]
     samples = (kept // batch_size) * batch_size
     warm = epochs[1:] or epochs
     times = [samples / e["samples_per_s"] for e in warm]
@@ -117,7 +118,7 @@ def measure(source: str, run_root: str, sample_rate: int, chunk_seconds: float,
     base = baseline_epoch(cfg, run_dir)
     return {"pipe_epoch_s": pipe_epoch, "pipe_wait": pipe_wait, "base_epoch_s": base["epoch_s"],
             "base_wait": base["wait"], "samples": samples, "pairs": kept,
-            "frames": json.loads((run_dir / "encode" / "manifest.json").read_text())["frames"],
+            "frames": rf.read_encode_manifest(run_dir)["frames"],
             "num_workers": cfg.stage1.num_workers, "epochs_measured": len(warm)}
 
 

@@ -52,15 +52,15 @@ from jobs.train_state import (STAGES, Progress, append_metrics, prune_epochs, sa
                               write_exit)
 from jobs.train_step import gan_step, generator_step
 from jobs.validation import baselines, validate
+from pipeline import codec_facts
 from pipeline import config as config_mod
+from pipeline import run_folder as rf
 from pipeline.atomic import atomic_write_json
-from pipeline.exit_codes import EXIT_BAD_INPUT, EXIT_GATE, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED
 from pipeline.malloc import reuse_freed_memory
+from pipeline.exit_codes import EXIT_BAD_INPUT, EXIT_GATE, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED
 from pipeline.schema import Config, StageConfig
 from pipeline.tracking import StepTracker, step_run
 
-CODEC_KEYS = ("codec", "sample_rate", "frame_rate", "latent_dim", "frames", "dtype", "kind",
-              "pretrained", "weights_sha256", "bandwidth", "use_codes")
 
 
 # ---------------------------------------------------------------------------------------
@@ -105,9 +105,9 @@ def set_determinism(scfg: StageConfig, seed: int) -> None:
 def open_data(cfg: Config, run_dir: Path, scfg: StageConfig, info: distributed.DistInfo):
     """Latent store, train/val datasets, and their batch samplers for this rank."""
     try:
-        store = LatentStore(run_dir / "encode")
-        train_pairs = read_pairs(run_dir / "pairs" / "train.jsonl")
-        val_pairs = read_pairs(run_dir / "pairs" / "val.jsonl")
+        store = LatentStore(rf.step_dir(run_dir, rf.ENCODE))
+        train_pairs = read_pairs(rf.pairs_file(run_dir, "train"))
+        val_pairs = read_pairs(rf.pairs_file(run_dir, "val"))
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise BadInput(str(exc)) from None
     if not train_pairs or not val_pairs:
@@ -146,10 +146,7 @@ def make_loader(dataset: PairDataset, sampler: GlobalBatchSampler, scfg: StageCo
 
 def codec_description(store: LatentStore, cfg: Config) -> dict:
     """The encode manifest's codec facts, saved in every checkpoint."""
-    manifest = store.manifest
-    desc = {k: manifest[k] for k in CODEC_KEYS if k in manifest}
-    desc.setdefault("codec", cfg.encode.codec)
-    return desc
+    return codec_facts.describe(store.manifest, cfg.encode.codec)
 
 
 
@@ -159,10 +156,10 @@ def codec_description(store: LatentStore, cfg: Config) -> dict:
 
 def sample_hook(cfg: Config, run_dir: Path, stage: str, epoch: int, generator: nn.Module,
                 tracker: StepTracker) -> None:
-    """Log a few samples made as this stage trains (jobs.generate.log_samples: noise, or the
+    """Log a few samples made as this stage trains (jobs.samples.log_samples: noise, or the
     creative cascade on validation pairs); never fatal, the training RNG left as it was."""
     try:
-        from jobs.generate import log_samples
+        from jobs.samples import log_samples
     except ImportError as exc:
         print(f"[{stage}] samples skipped: {exc}", file=sys.stderr)
         return
@@ -193,7 +190,6 @@ def run_stage(cfg: Config, run_dir: Path, stage: str, info: distributed.DistInfo
         config_mod.write_resolved(cfg, out_dir)
 
     # -- data ---------------------------------------------------------------------------
-    reuse_freed_memory()   # batches and activations are allocated anew at every step
     store, train_set, val_set, train_sampler, val_sampler = open_data(cfg, run_dir, scfg, info)
     train_loader = make_loader(train_set, train_sampler, scfg, info)
     val_loader = make_loader(val_set, val_sampler, scfg, info)
@@ -210,7 +206,7 @@ def run_stage(cfg: Config, run_dir: Path, stage: str, info: distributed.DistInfo
         if stage == "stage1" and scfg.mode == "continuation":
             base = baselines(ctx, train_set, val_loader)
             if info.is_main:
-                atomic_write_json(out_dir / "baselines.json", base)
+                atomic_write_json(out_dir / rf.BASELINES, base)
         elif stage == "stage1" and info.is_main:   # creative: the reference depends on masks
             print("[stage1] trivial baselines skipped: in creative mode the loss compares "
                   "against the masks' blend, which a baseline has no masks for", file=sys.stderr)
@@ -218,21 +214,21 @@ def run_stage(cfg: Config, run_dir: Path, stage: str, info: distributed.DistInfo
             code, reason = train_epochs(ctx, progress, train_set, train_loader, train_sampler,
                                         val_loader, tracker, base, stop)
         except NonFiniteLoss as exc:
-            save_all(ctx, progress, [out_dir / "error.pt"])
+            save_all(ctx, progress, [out_dir / rf.ERROR_CHECKPOINT])
             code, reason = EXIT_NONFINITE, str(exc)
         except Preempted as exc:
             code, reason = EXIT_PREEMPTED, str(exc)
         if code == EXIT_OK:
             result = distributed.gather(evaluate_gate(   # rank 0's reading decides for all
-                scfg.gate, read_history(out_dir / "metrics.jsonl"), base,
+                scfg.gate, read_history(out_dir / rf.METRICS), base,
                 free_bits=scfg.kl.free_bits if scfg.kl is not None else None,
                 d_pretrain_epochs=scfg.gan.d_pretrain_epochs if scfg.gan is not None else 0),
                 info)[0]
             if info.is_main:
-                atomic_write_json(out_dir / "gate.json", result)
+                atomic_write_json(out_dir / rf.GATE, result)
                 tracker.log_metrics({"gate_passed": float(result["passed"])},
                                     step=progress.epoch)
-                tracker.log_artifact(out_dir / "gate.json")
+                tracker.log_artifact(out_dir / rf.GATE)
             if not result["passed"]:
                 code, reason = EXIT_GATE, f"{stage} validation gate failed: {result['reason']}"
             else:
@@ -250,19 +246,23 @@ def log_start(ctx: Context, tracker: StepTracker, report: Optional[dict],
     """Params of the stage, and how it started: transfer report or continuation record."""
     out_dir, stage = ctx.run_dir / ctx.stage, ctx.stage
     nodes = distributed.node_list()
+    sizes = {f"{name}_params": sum(p.numel() for p in model.parameters())
+             for name, model in (("generator", ctx.g), ("discriminator", ctx.d)) if model is not None}
+    atomic_write_json(out_dir / rf.MODEL_SIZE, sizes)
     tracker.log_params({"stage": stage, "world_size": ctx.info.world_size,
                         "num_nodes": len(nodes), "nodes": ",".join(nodes),
-                        "device": str(ctx.info.device), stage: config_mod.to_dict(ctx.scfg)})
+                        "device": str(ctx.info.device), stage: config_mod.to_dict(ctx.scfg),
+                        **{f"model.{k}": v for k, v in sizes.items()}})
     if report is not None:
-        atomic_write_json(out_dir / "transfer_report.json", report)
-        tracker.log_artifact(out_dir / "transfer_report.json")
+        atomic_write_json(out_dir / rf.TRANSFER_REPORT, report)
+        tracker.log_artifact(out_dir / rf.TRANSFER_REPORT)
         for model in ("generator", "discriminator"):
             if model in report:
                 tracker.log_metrics({f"transfer_{model}_{k}": v for k, v in
                                      report[model]["counts"].items()}, step=0)
     if continued is not None:
-        atomic_write_json(out_dir / "continued.json", continued)
-        tracker.log_artifact(out_dir / "continued.json")
+        atomic_write_json(out_dir / rf.CONTINUED, continued)
+        tracker.log_artifact(out_dir / rf.CONTINUED)
         tracker.log_params({"continued_from": continued["from"],
                             "continued_at_epoch": continued["at_epoch"]})
         change = (f"from epoch {continued['at_epoch']}: lr {continued['lr'][0]} -> "
@@ -317,7 +317,7 @@ def train_epochs(ctx: Context, progress: Progress, train_set: PairDataset,
                 micros = [next(it) for _ in range(accum)]
             if distributed.any_rank(stop.set, info):   # a step boundary: all ranks agree
                 progress.partial = running.state()
-                save_all(ctx, progress, [out_dir / "last.pt"])
+                save_all(ctx, progress, [out_dir / rf.LAST])
                 raise Preempted(f"{ctx.stage} preempted ({stop.received or 'signal on another rank'})"
                                 f" at epoch {epoch}, batch {batch + 1}/{steps}: last.pt saved")
             micros = [(inp.to(info.device, non_blocking=True),
@@ -351,18 +351,18 @@ def train_epochs(ctx: Context, progress: Progress, train_set: PairDataset,
         metrics |= {"best_val_loss": progress.best_val, "step": progress.step}
         if info.is_main:
             tracker.log_metrics(metrics, step=epoch)
-            append_metrics(out_dir / "metrics.jsonl", epoch, metrics)
+            append_metrics(out_dir / rf.METRICS, epoch, metrics)
             train = (f"train {metrics['train_total']:.4f}" if "train_total" in metrics else
                      f"D pre-training, d_loss {metrics.get('train_d_loss', math.nan):.4f}")
             print(f"[{ctx.stage}] epoch {epoch}: {train} val {val:.4f} best "
                   f"{progress.best_val:.4f} (epoch {progress.best_epoch})", file=sys.stderr)
             if scfg.sample_every and epoch % scfg.sample_every == 0:
                 sample_hook(ctx.cfg, ctx.run_dir, ctx.stage, epoch, ctx.g, tracker)
-        paths = [out_dir / "last.pt"]
+        paths = [out_dir / rf.LAST]
         if epoch % scfg.checkpoint_every == 0:
-            paths.append(out_dir / f"epoch_{epoch}.pt")
+            paths.append(rf.epoch_checkpoint(out_dir, epoch))
         if improved:
-            paths.append(out_dir / "best.pt")
+            paths.append(out_dir / rf.BEST)
         save_all(ctx, progress, paths)
         if info.is_main:
             prune_epochs(out_dir, scfg.keep_last, keep_discriminator=ctx.d is not None)
@@ -384,6 +384,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--stage", required=True, choices=STAGES)
     args = parser.parse_args(argv)
     run_dir = args.run_dir.resolve()
+    reuse_freed_memory()   # this process only: batches and activations are allocated anew per step
     stop = distributed.StopSignal().install()
     info = distributed.setup()
     ended = False

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -20,11 +19,12 @@ from jobs.pair_data import PairDataset
 from jobs.train_context import Context
 from jobs.train_errors import BadInput
 from jobs.transfer import transfer_weights
+from pipeline import codec_facts
 from pipeline import config as config_mod
+from pipeline import run_folder as rf
 from pipeline.atomic import atomic_write_json, atomic_write_text
 
-STAGES = ("stage1", "stage2", "stage3")
-EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")   # full epoch checkpoints (D-only: epoch_<n>_d.pt)
+STAGES = rf.STAGES
 
 
 @dataclass
@@ -113,15 +113,16 @@ def transfer_from_previous(ctx: Context) -> dict:
     index = STAGES.index(ctx.stage)
     if index == 0:
         return {"source": None, "note": "stage1 starts from freshly initialised weights"}
-    source = ctx.run_dir / STAGES[index - 1] / "best.pt"
-    gate = source.parent / "gate.json"
-    if gate.exists() and not json.loads(gate.read_text()).get("passed", False):
+    source = rf.stage_file(ctx.run_dir, STAGES[index - 1], rf.BEST)
+    gate = rf.read_gate(ctx.run_dir, STAGES[index - 1])
+    if gate is not None and not gate.get("passed", False):
         raise BadInput(f"{STAGES[index - 1]} did not pass its validation gate "
-                       f"({json.loads(gate.read_text()).get('reason')}); not starting {ctx.stage}")
+                       f"({gate.get('reason')}); not starting {ctx.stage}")
     if not source.exists():
         raise BadInput(f"{ctx.stage} starts from {source}, which does not exist "
                        f"(run {STAGES[index - 1]} first)")
     state = load_or_refuse(source)
+    fits(ctx, state, source)
     report = {"source": str(source), "source_epoch": state.get("epoch"),
               "generator": transfer_weights(ctx.g, state["generator"])}
     if ctx.d is not None:
@@ -141,11 +142,20 @@ def set_lr(opt: torch.optim.Optimizer, lr: float, sched=None) -> None:
         sched._last_lr = [group["lr"] for group in opt.param_groups]
 
 
+def fits(ctx: Context, state: dict, path: Path) -> None:
+    """Refuse a checkpoint trained on other latents than this run's (the one codec rule)."""
+    try:
+        codec_facts.check(ctx.codec, state.get("codec"), str(path))
+    except codec_facts.MismatchError as exc:
+        raise BadInput(str(exc)) from None
+
+
 def continue_stage(ctx: Context) -> tuple[Progress, dict]:
     """Start from `continue_from`'s full state with this config's epochs and lr; returns
     the progress and the record written to continued.json."""
     scfg, path = ctx.scfg, Path(ctx.scfg.continue_from)
     state = load_or_refuse(path, f" ({ctx.stage}.continue_from)")
+    fits(ctx, state, path)
     if state.get("stage") != ctx.stage:
         raise BadInput(f"{ctx.stage}.continue_from {path} is a {state.get('stage')} checkpoint")
     try:
@@ -167,8 +177,8 @@ def continue_stage(ctx: Context) -> tuple[Progress, dict]:
         set_lr(ctx.opt_d, scfg.gan.lr_d)
         record["lr_d"] = [(old.get("gan") or {}).get("lr_d"), scfg.gan.lr_d]
     progress.bad_epochs = 0   # a new schedule: early stopping counts from here
-    record["metrics_lines_copied"] = copy_history(path.parent / "metrics.jsonl",
-                                                  ctx.run_dir / ctx.stage / "metrics.jsonl",
+    record["metrics_lines_copied"] = copy_history(path.parent / rf.METRICS,
+                                                  rf.stage_file(ctx.run_dir, ctx.stage, rf.METRICS),
                                                   progress.epoch, ctx.info.is_main)
     return progress, record
 
@@ -188,7 +198,7 @@ def copy_history(source: Path, dest: Path, epochs: int, write: bool) -> int:
 def start(ctx: Context, train_set: PairDataset) -> tuple[Progress, Optional[dict], Optional[dict]]:
     """(progress, transfer report or None, continuation record or None): resume from the
     stage's last.pt, else continue `continue_from`, else transfer from the previous stage."""
-    last = ctx.run_dir / ctx.stage / "last.pt"
+    last = rf.stage_file(ctx.run_dir, ctx.stage, rf.LAST)
     if last.exists():
         return resume(ctx, load_or_refuse(last, "; delete it to restart the stage")), None, None
     if ctx.scfg.continue_from:
@@ -205,13 +215,13 @@ def start(ctx: Context, train_set: PairDataset) -> tuple[Progress, Optional[dict
 def prune_epochs(out_dir: Path, keep_last: int, keep_discriminator: bool) -> list[Path]:
     """Keep the newest `keep_last` full epoch_<n>.pt (0 = all); older ones are deleted, or
     (stage 3) cut to epoch_<n>_d.pt with the discriminator the audit reads. Rank 0 only."""
-    full = sorted((int(m.group(1)), p) for p in out_dir.glob("epoch_*.pt")
-                  if (m := EPOCH_FILE.match(p.name)))
+    full = sorted((int(m.group(1)), p) for p in out_dir.glob(rf.EPOCH_GLOB)
+                  if (m := rf.EPOCH_FILE.match(p.name)) and not m.group(2))
     old = full[:-keep_last] if keep_last > 0 else []
     for epoch, path in old:
         if keep_discriminator:
             state = checkpoint.load(path)
-            checkpoint.save(out_dir / f"epoch_{epoch}_d.pt", {
+            checkpoint.save(rf.epoch_checkpoint(out_dir, epoch, discriminator_only=True), {
                 k: state.get(k) for k in ("discriminator", "epoch", "world_size", "config",
                                           "codec", "parts", "stage", "mode")})
         path.unlink()
@@ -232,7 +242,7 @@ def append_metrics(path: Path, epoch: int, metrics: dict) -> None:
 
 def write_exit(out_dir: Path, code: int, reason: str, progress: Optional[Progress]) -> None:
     """exit.json: the code, the reason and where training stood."""
-    atomic_write_json(out_dir / "exit.json", {
+    atomic_write_json(out_dir / rf.EXIT, {
         "exit_code": code, "reason": reason,
         "epoch": progress.epoch if progress else None,
         "batch_in_epoch": progress.batch_in_epoch if progress else None,

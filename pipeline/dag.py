@@ -38,6 +38,8 @@ class Step:
     sections: tuple[str, ...]   # dotted config paths hashed into the signature
     module: str                 # entry module (its import closure is the code version)
     kind: str                   # "array" (chunk shards), "data", "train" or "job"
+    reuses_memory: bool = False  # big arrays freed and allocated batch after batch: the job's
+                                 # process tunes malloc to reuse them (pipeline/malloc.py)
 
     def num_shards(self, cfg: Config) -> Optional[int]:
         """How many shards (array tasks) the step runs as; None for a single job."""
@@ -47,7 +49,8 @@ class Step:
 STEPS: dict[str, Step] = {s.name: s for s in (
     Step("chunk", (), ("data", "run.seed"), "data_prep.chunk", "array"),
     Step("pairs", ("chunk",), ("pairs", "run.seed"), "data_prep.pairs", "data"),
-    Step("encode", ("pairs",), ("encode", "run.seed"), "data_prep.encode", "data"),
+    Step("encode", ("pairs",), ("encode", "run.seed"), "data_prep.encode", "data",
+         reuses_memory=True),
     Step("stage1", ("encode",), ("model", "stage1", "run.seed"), "jobs.train", "train"),
     Step("stage2", ("stage1",), ("model", "stage2", "run.seed"), "jobs.train", "train"),
     Step("stage3", ("stage2",), ("model", "stage3", "run.seed"), "jobs.train", "train"),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import re
@@ -32,8 +31,10 @@ from typing import Optional
 
 from pipeline import config as config_mod
 from pipeline import dag, parent_run, state
+from pipeline import run_folder as rf
 from pipeline.atomic import atomic_write_json
 from pipeline.exit_codes import EXIT_GATE, EXIT_PREEMPTED
+from pipeline.malloc import reuse_freed_memory
 from pipeline.schema import Config
 
 RDZV_PORT_BASE = 29400
@@ -287,7 +288,7 @@ def this_node() -> str:
 def write_node_record(run_dir: Path, stage: str, child: "Child", code: int) -> None:
     """This node's end of a failed training run, for the lead's reason."""
     rank = node_rank()
-    atomic_write_json(Path(run_dir) / stage / f"node-{rank}.json", {
+    atomic_write_json(rf.node_record(run_dir, stage, rank), {
         "node": this_node(), "rank": rank,
         "exit_code": code, "deaths": child.deaths, "signals": child.signals,
         "job_id": os.environ.get("SLURM_JOB_ID", ""), "at": time.time()})
@@ -300,7 +301,7 @@ def other_nodes_report(run_dir: Path, stage: str, since: float, wait_s: float = 
     found: dict[int, dict] = {}
     while others and len(found) < len(others):
         for rank in others:
-            record = state.read_marker(Path(run_dir) / stage / f"node-{rank}.json")
+            record = state.read_marker(rf.node_record(run_dir, stage, rank))
             if record and record.get("at", 0) >= since and \
                     record.get("job_id") == os.environ.get("SLURM_JOB_ID", ""):
                 found[rank] = record
@@ -316,23 +317,23 @@ def other_nodes_report(run_dir: Path, stage: str, since: float, wait_s: float = 
 
 
 def _gate_reason(run_dir: Path, stage: str) -> str:
-    path = Path(run_dir) / stage / "gate.json"
-    try:
-        gate = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return "validation gate failed (no gate.json)"
+    gate = rf.read_gate(run_dir, stage)
+    if gate is None:
+        return f"validation gate failed (no {rf.GATE})"
     return "validation gate failed: " + str(gate.get("reason", gate))
 
 
 def _trainer_exit(run_dir: Path, stage: str, since: float) -> tuple[Optional[int], str]:
     """The trainer's own exit code and reason from exit.json (torchrun reports any worker
     failure as 1); (None, "") when this run wrote none."""
-    path = Path(run_dir) / stage / "exit.json"
+    path = rf.stage_file(run_dir, stage, rf.EXIT)
     try:
         if path.stat().st_mtime < since:
             return None, ""
-        record = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except FileNotFoundError:
+        return None, ""
+    record = rf.read_exit(run_dir, stage)
+    if record is None:
         return None, ""
     return record.get("exit_code"), str(record.get("reason", ""))
 
@@ -376,8 +377,11 @@ def _run_training(cfg: Config, run_dir: Path, stage: str, signature: str) -> Non
 
 def _run_in_process(cfg: Config, run_dir: Path, name: str, shard: Optional[int],
                     num_shards: Optional[int]) -> None:
-    module = importlib.import_module(dag.step(name).module)
-    if name == "chunk":
+    step = dag.step(name)
+    if step.reuses_memory:
+        reuse_freed_memory()   # this job's process only (tests calling the step never tune)
+    module = importlib.import_module(step.module)
+    if num_shards is not None:
         module.run_shard(cfg, run_dir, shard, num_shards)
     else:
         module.run(cfg, run_dir)

@@ -24,6 +24,7 @@ import yaml
 
 from pipeline import config as config_mod
 from pipeline import dag, state, tracking
+from pipeline import run_folder as rf
 from pipeline import store as store_mod
 from pipeline.config import ConfigError
 from pipeline.preflight import preflight
@@ -238,9 +239,9 @@ def finish_parent(cfg: Config, run_dir: Path, executor: Executor, ok: bool) -> N
 def demo_report(cfg: Config, run_dir: Path) -> None:
     """Where the demo's results are, and how to look at them."""
     uri = tracking.tracking_uri(cfg)
-    print(f"audio samples : {run_dir / 'generate'}/*.wav")
-    print(f"audit plot    : {run_dir / 'audit' / 'audit.png'}")
-    print(f"evaluation    : {run_dir / 'evaluate' / 'metrics.json'}")
+    print(f"audio samples : {rf.step_dir(run_dir, rf.GENERATE)}/*.wav")
+    print(f"audit plot    : {rf.step_dir(run_dir, rf.AUDIT) / rf.AUDIT_PNG}")
+    print(f"evaluation    : {rf.evaluate_metrics(run_dir)}")
     print(f"MLflow store  : {uri}")
     print(f"runs table    : {tracking.runs_page(cfg)}")
     print(f"look at it    : .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000")
@@ -251,15 +252,15 @@ def data_report(run_dir: Path) -> None:
     pairs, latents, and where each output is."""
     import json
     from pipeline.chunk_manifest import format_summary, summarize
-    if (run_dir / "chunk").is_dir():
-        print(f"chunk   : {run_dir / 'chunk'}")
+    if rf.step_dir(run_dir, rf.CHUNK).is_dir():
+        print(f"chunk   : {rf.step_dir(run_dir, rf.CHUNK)}")
         print("  " + format_summary(summarize(run_dir)).replace("\n", "\n  "))
-    pairs = run_dir / "pairs" / "summary.json"
+    pairs = rf.pairs_summary(run_dir)
     if pairs.exists():
         p = json.loads(pairs.read_text())
         print(f"pairs   : {pairs.parent}  songs train/val {p.get('songs_train')}/{p.get('songs_val')}"
               f"  pairs train/val {p.get('pairs_train')}/{p.get('pairs_val')}")
-    manifest = run_dir / "encode" / "manifest.json"
+    manifest = rf.encode_manifest(run_dir)
     if manifest.exists():
         m = json.loads(manifest.read_text())
         print(f"encode  : {manifest.parent}  codec {m.get('codec')}  {m.get('rows')} latents "
@@ -295,12 +296,12 @@ def continue_stage(cfg: Config, run_dir: Path, stage: str) -> None:
     stage goes on from it under the new settings (a new version beside the old one).
     Repeating the same command keeps the continued version instead of continuing it again."""
     current = store_mod.linked(run_dir, stage) or (run_dir / stage)
-    last = current / "last.pt"
+    last = current / rf.LAST
     if not last.is_file():
         raise ConfigError(f"--continue {stage}: {last} does not exist; the stage has no "
                           "checkpoint to continue from (run it first)")
     section = getattr(cfg, stage)
-    made = current / "config.resolved.yaml"
+    made = rf.config_file(current)
     if made.exists():
         before = yaml.safe_load(made.read_text()).get(stage, {})
         now = config_mod.to_dict(section)

@@ -26,6 +26,9 @@ STAGES = ("stage1", "stage2", "stage3")
 AUDIT, GENERATE, EVALUATE = "audit", "generate", "evaluate"
 
 PIPELINE_STATE = "pipeline.json"            # run state, written by the driver
+MLFLOW_PARENT = "mlflow_parent.json"        # the run's MLflow parent run id
+MLFLOW_CHILD = "mlflow_run.json"            # a step's MLflow child run id
+TRACKING_ERRORS = "tracking_errors.jsonl"   # calls a busy store lost, in the step's folder
 CONFIG_FILE = "config.resolved.yaml"        # the resolved config (run and stage folders)
 MARKER = "step_state.json"                  # a step's own state (chunk: one per shard)
 MARKER_GLOB = "step_state*.json"
@@ -174,6 +177,7 @@ EXIT = "exit.json"
 CONTINUED = "continued.json"
 TRANSFER_REPORT = "transfer_report.json"
 BASELINES = "baselines.json"
+MODEL_SIZE = "model_size.json"             # parameter counts of the stage's models
 EPOCH_GLOB = "epoch_*.pt"
 EPOCH_FILE = re.compile(r"^epoch_(\d+)(_d)?\.pt$")   # _d: discriminator only (keep_last)
 
@@ -202,6 +206,11 @@ def _read_json(path: Path) -> Optional[dict]:
         return json.loads(Path(path).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def node_record(run_dir: Path, stage: str, node_rank: int) -> Path:
+    """node-<rank>.json: how one node's training processes ended (multi-node jobs)."""
+    return stage_file(run_dir, stage, f"node-{node_rank}.json")
 
 
 def read_gate(run_dir: Path, stage: str) -> Optional[dict]:

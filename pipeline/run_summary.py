@@ -70,12 +70,11 @@ def headline_params(cfg: Config) -> dict[str, Any]:
 
 
 def stage_params(cfg: Config, stage: str) -> dict[str, Any]:
-    """Params a training stage's own run adds to its config section: seed, codec, model
-    sizes and its models' parameter counts."""
+    """Params a training stage's own run adds to its config section: seed, codec and model
+    sizes (the trainer adds its models' parameter counts)."""
     params = {k: v for k, v in headline_params(cfg).items()
               if k in ("seed", "codec") or k.startswith("model.")}
-    counts = parameter_counts(cfg, stage)
-    return params | {f"model.{k.split('/')[1]}": int(v) for k, v in counts.items()}
+    return params
 
 
 # --- results, per step kind -----------------------------------------------------------
@@ -120,26 +119,14 @@ def stage_results(cfg: Config, run_dir: Path, stage: str) -> Results:
     gate = rf.read_gate(run_dir, stage) or {}
     if "passed" in gate:
         metrics[f"{stage}/gate_passed"] = float(gate["passed"])
-    metrics |= parameter_counts(cfg, stage)
+    metrics |= parameter_counts(run_dir, stage)
     return metrics, {}
 
 
-def parameter_counts(cfg: Config, stage: str) -> dict[str, float]:
-    """Generator (and discriminator) parameter counts of `stage`, built on the meta device
-    (no memory, no init); {} if the models cannot be built."""
-    try:
-        import torch
-
-        from jobs.discriminator import build_discriminator
-        from jobs.generator import build_generator
-        parts = list(getattr(cfg, stage).enabled_parts)
-        with torch.device("meta"):
-            counts = {f"{stage}/generator_params": build_generator(cfg, parts)}
-            if "gan" in parts:
-                counts[f"{stage}/discriminator_params"] = build_discriminator(cfg)
-        return {k: float(sum(p.numel() for p in m.parameters())) for k, m in counts.items()}
-    except Exception:   # a count is a nicety; the step's results must not depend on it
-        return {}
+def parameter_counts(run_dir: Path, stage: str) -> dict[str, float]:
+    """Generator (and discriminator) parameter counts the stage's trainer recorded."""
+    counts = _json(rf.stage_file(run_dir, stage, rf.MODEL_SIZE))
+    return {f"{stage}/{k}": float(v) for k, v in counts.items()}
 
 
 def audit_results(cfg: Config, run_dir: Path, step: str) -> Results:

@@ -48,10 +48,10 @@ def _elapsed(seconds: float) -> str:
 
 def latest_metric(run_dir: Path, step: str) -> str:
     """A short 'key=value' for the step from its metrics or summary files."""
-    folder = run_dir / step
+    folder = rf.step_dir(run_dir, step)
     try:
-        if step in dag.TRAIN_STEPS and (folder / "metrics.jsonl").exists():
-            lines = (folder / "metrics.jsonl").read_text().strip().splitlines()
+        if step in dag.TRAIN_STEPS and (folder / rf.METRICS).exists():
+            lines = (folder / rf.METRICS).read_text().strip().splitlines()
             last = json.loads(lines[-1])
             keys = [k for k in ("val_loss", "best_val_loss", "val_diversity_ratio") if k in last]
             return f"epoch {last.get('epoch', len(lines))} " + \
@@ -61,14 +61,14 @@ def latest_metric(run_dir: Path, step: str) -> str:
             summary = summarize(run_dir)
             return " ".join(f"{k}={summary[k]}" for k in ("ok", "skipped", "failed", "chunks")
                             if k in summary)
-        if step == "pairs" and (folder / "summary.json").exists():
-            s = json.loads((folder / "summary.json").read_text())
+        if step == "pairs" and rf.pairs_summary(run_dir).exists():
+            s = json.loads(rf.pairs_summary(run_dir).read_text())
             return " ".join(f"{k}={v}" for k, v in s.items() if "pairs" in k and not isinstance(v, dict))
-        if step == "encode" and (folder / "manifest.json").exists():
-            m = json.loads((folder / "manifest.json").read_text())
+        if step == "encode" and rf.encode_manifest(run_dir).exists():
+            m = rf.read_encode_manifest(run_dir)
             return f"rows={sum(s['rows'] for s in m.get('shards', []))} codec={m.get('codec')}"
-        if step == "evaluate" and (folder / "metrics.json").exists():
-            m = json.loads((folder / "metrics.json").read_text()).get("metrics", {})
+        if step == "evaluate" and rf.evaluate_metrics(run_dir).exists():
+            m = json.loads(rf.evaluate_metrics(run_dir).read_text()).get("metrics", {})
             return " ".join(f"{k}={m[k]:.3g}" for k in EVALUATE_KEYS if k in m)
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return ""
@@ -77,12 +77,8 @@ def latest_metric(run_dir: Path, step: str) -> str:
 
 def gate_note(run_dir: Path, step: str) -> str:
     """"validation gate failed: <reason>" from a training step's gate.json, else ""."""
-    path = run_dir / step / "gate.json"
-    if step not in dag.TRAIN_STEPS or not path.exists():
-        return ""
-    try:
-        gate = json.loads(path.read_text())
-    except (OSError, ValueError):
+    gate = rf.read_gate(run_dir, step) if step in dag.TRAIN_STEPS else None
+    if gate is None:
         return ""
     return "" if gate.get("passed", True) else f"validation gate failed: {gate.get('reason', '')}"
 
@@ -153,20 +149,20 @@ def headline(run_dir: Path) -> dict[str, str]:
     the audit's verdict ("" where a step has not made them)."""
     out = {"stage3_best_val": "", "diversity": "", "frechet": "", "verdict": ""}
     try:
-        lines = (run_dir / "stage3" / "metrics.jsonl").read_text().strip().splitlines()
+        lines = rf.stage_file(run_dir, "stage3", rf.METRICS).read_text().strip().splitlines()
         best = [json.loads(line).get("best_val_loss") for line in lines]
         best = [b for b in best if b is not None]
         out["stage3_best_val"] = f"{best[-1]:.4g}" if best else ""
     except (OSError, ValueError):
         pass
     try:
-        m = json.loads((run_dir / "evaluate" / "metrics.json").read_text()).get("metrics", {})
+        m = json.loads(rf.evaluate_metrics(run_dir).read_text()).get("metrics", {})
         out["diversity"] = f"{m['diversity_ratio']:.3g}" if "diversity_ratio" in m else ""
         out["frechet"] = f"{m['frechet_ratio']:.3g}" if "frechet_ratio" in m else ""
     except (OSError, ValueError):
         pass
     try:
-        for line in (run_dir / "audit" / "reading.txt").read_text().splitlines():
+        for line in rf.audit_reading(run_dir).read_text().splitlines():
             if line.startswith("verdict:"):
                 out["verdict"] = line.split(":", 1)[1].strip()
     except OSError:

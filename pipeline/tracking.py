@@ -20,14 +20,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from pipeline import run_summary
+from pipeline import run_folder, run_summary
 from pipeline.atomic import atomic_write_json
 from pipeline.config import section_hash
 from pipeline.file_lock import file_lock
 from pipeline.schema import Config
 
-PARENT_FILE = "mlflow_parent.json"
-CHILD_FILE = "mlflow_run.json"
+PARENT_FILE = run_folder.MLFLOW_PARENT
+CHILD_FILE = run_folder.MLFLOW_CHILD
 # MLflow 3's UI opens an experiment on the view its `mlflow.experimentKind` tag names; an
 # untagged one may open on GenAI traces and prompts instead of the runs table
 KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
@@ -217,7 +217,7 @@ def _or_report(call: Callable[[], Any], what: str) -> Any:
         return None
 
 
-ERRORS_FILE = "tracking_errors.jsonl"
+ERRORS_FILE = run_folder.TRACKING_ERRORS
 BUSY = ("database is locked", "database table is locked")
 
 

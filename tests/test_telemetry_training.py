@@ -40,6 +40,10 @@ def test_telemetry_and_system_metrics_in_the_run_of_a_tiny_training(tmp_path):
     lines = [json.loads(x) for x in (run_dir / "stage1" / "metrics.jsonl").read_text().splitlines()]
     assert [x["samples_per_s"] > 0 for x in lines] == [True] * epochs
 
+    params = client.get_run(run_id).data.params   # the trainer counts its models' parameters
+    sizes = json.loads((run_dir / "stage1" / "model_size.json").read_text())
+    assert int(params["model.generator_params"]) == sizes["generator_params"] > 1000
+
     system = [k for k in client.get_run(run_id).data.metrics if k.startswith("system/")]
     assert "system/cpu_utilization_percentage" in system
     assert "system/system_memory_usage_megabytes" in system

@@ -25,10 +25,6 @@ TINY = ("data.demo_songs=5", "data.demo_seconds=6.0", "data.chunk_seconds=1.0",
         "stage3.checkpoint_every=1", "evaluate.n=4", "evaluate.fft_size=256",
         "stage3.curriculum.rate=0.25", "stage3.curriculum.start_epoch=3", "encode.augment.variants=0")
 
-CODEC_KEYS = ("codec", "sample_rate", "frame_rate", "latent_dim", "frames", "kind",
-              "weights_sha256", "hop", "n_fft")
-
-
 def build_run(root: Path, *overrides: str):
     """A run folder with real chunks, pairs and mel latents; returns (cfg, run_dir)."""
     from data_prep import chunk, encode, pairs
@@ -44,11 +40,11 @@ def build_run(root: Path, *overrides: str):
 
 
 def codec_description(run_dir: Path) -> dict:
-    """The codec facts of the run's encode manifest, as a checkpoint records them."""
-    from pipeline.run_folder import read_encode_manifest as read_manifest
+    """The codec facts of the run's encode manifest, as the trainer records them."""
+    from pipeline import codec_facts
+    from pipeline.run_folder import read_encode_manifest
 
-    manifest = read_manifest(run_dir)
-    return {k: manifest[k] for k in CODEC_KEYS if k in manifest}
+    return codec_facts.describe(read_encode_manifest(run_dir))
 
 
 def save_stage3(cfg, run_dir: Path, epochs, codec: dict | None = None,
