@@ -34,13 +34,12 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.corpus import ensure_corpus
-from data_prep.decode import AUDIO_EXTS, AudioError, decode_recovering, probe
+from data_prep.decode import AudioError, decode_recovering, probe
 from pipeline import run_folder as rf
+from pipeline.run_folder import AUDIO_EXTS
 from pipeline.atomic import atomic_path, atomic_write_json, atomic_write_text
 from pipeline.config import ConfigError, load_resolved, write_resolved
-from pipeline.chunk_manifest import (chunk_dir, collect_manifest, count_records,  # noqa: F401
-                                     format_summary, latest_manifests, previous_records,
-                                     reason_kind, summarize)
+from pipeline.chunk_manifest import chunk_dir, count_records, format_summary, previous_records
 from pipeline.schema import Config
 from pipeline.file_lock import file_lock
 from pipeline.tracking import ensure_parent_run, step_run

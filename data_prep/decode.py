@@ -20,7 +20,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from pipeline.run_folder import AUDIO_EXTS, FFMPEG_EXTS, SNDFILE_EXTS  # noqa: F401
+from pipeline.run_folder import FFMPEG_EXTS
 
 
 class AudioError(ValueError):

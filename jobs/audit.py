@@ -21,7 +21,6 @@ import argparse
 import csv
 import io
 import math
-import re
 import sys
 from pathlib import Path
 from typing import Optional

@@ -22,8 +22,7 @@ from typing import Optional
 
 from jobs.fakes import make_fakes, pair_name
 from jobs.load_generator import checkpoint_origin, load_generator, model_config, trained_as
-# log_samples is the trainer's (jobs.samples); jobs.train still imports it from here
-from jobs.samples import log_samples, run_codec, write_samples  # noqa: F401
+from jobs.samples import run_codec, write_samples
 from pipeline import run_folder as rf
 from pipeline.atomic import atomic_write_json
 from pipeline.codec_facts import MismatchError

@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from pipeline import dag, state, store
+from pipeline import dag, run_folder, state, store
 from pipeline.atomic import atomic_write_json
 from pipeline.file_lock import file_lock
 from pipeline.schema import Config
 
-END_FILE = "parent_end.json"
+END_FILE = run_folder.PARENT_END
 RUNNING, FINISHED, FAILED = "RUNNING", "FINISHED", "FAILED"
 
 

@@ -132,7 +132,7 @@ def submit_steps(cfg: Config, run_dir: Path, steps: list[str], executor: Executo
         rerun.update(dag.downstream(name, steps))
     job_of: dict[str, str] = {}
     for name in steps:
-        sig, kind = sigs[name], dag.step(name).kind
+        sig = sigs[name]
         shards = dag.step(name).num_shards(cfg)
         after = [job_of[u] for u in dag.step(name).upstream if u in job_of]
         forced = name in rerun

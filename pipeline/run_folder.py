@@ -19,6 +19,19 @@ FFMPEG_EXTS = {".m4a", ".aac", ".mp4"}                                    # ffmp
 AUDIO_EXTS = SNDFILE_EXTS | FFMPEG_EXTS   # files with these extensions are the input
 
 
+# --- the run root: runs, the shared store, sweeps ----------------------------------------
+
+STORE = "store"                     # <run.root>/store/<step>/<version>: shared step outputs
+SWEEPS = "sweeps"                   # <run.root>/sweeps/<name>.json: a sweep's record
+RESERVED = (STORE, SWEEPS)          # names under run.root that are not runs
+CLAIM = "claim.json"                # in a store version: the job that builds it
+
+
+def sweep_record(root: Path, name: str) -> Path:
+    """<run.root>/sweeps/<name>.json."""
+    return Path(root) / SWEEPS / f"{name}.json"
+
+
 # --- steps and run-level files ---------------------------------------------------------
 
 CHUNK, PAIRS, ENCODE = "chunk", "pairs", "encode"
@@ -26,6 +39,7 @@ STAGES = ("stage1", "stage2", "stage3")
 AUDIT, GENERATE, EVALUATE = "audit", "generate", "evaluate"
 
 PIPELINE_STATE = "pipeline.json"            # run state, written by the driver
+PARENT_END = "parent_end.json"              # how the run's chain ended (SLURM: by its last job)
 MLFLOW_PARENT = "mlflow_parent.json"        # the run's MLflow parent run id
 MLFLOW_CHILD = "mlflow_run.json"            # a step's MLflow child run id
 TRACKING_ERRORS = "tracking_errors.jsonl"   # calls a busy store lost, in the step's folder

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline import dag, parent_run, state
+from pipeline import run_folder as rf
 from pipeline.backends import make_executor
 from pipeline.executor import LIVE_STATES
 
@@ -29,7 +30,7 @@ def find_run(run: Optional[str], root: str = "runs") -> Path:
             raise FileNotFoundError(f"no {state.STATE_FILE} in {path}: not a pipeline run folder")
         return path.resolve()
     found = sorted(Path(root).glob(f"*/{state.STATE_FILE}"), key=lambda p: p.stat().st_mtime)
-    found = [p for p in found if p.parent.name not in ("store", "sweeps")]
+    found = [p for p in found if p.parent.name not in rf.RESERVED]
     if not found:
         raise FileNotFoundError(f"no run folders with {state.STATE_FILE} under {root}/")
     return found[-1].parent.resolve()

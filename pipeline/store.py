@@ -26,15 +26,15 @@ from pipeline.atomic import atomic_write_json
 from pipeline.config import ConfigError
 from pipeline.schema import Config
 
-CLAIM_FILE = "claim.json"
+CLAIM_FILE = run_folder.CLAIM
 LOCK_FILE = ".build.lock"
 SHORT = 16
-RESERVED = ("store", "sweeps")   # names under run.root that are not runs
+RESERVED = run_folder.RESERVED
 
 
 def store_root(cfg: Config) -> Path:
     """run.store, or `<run.root>/store`."""
-    return Path(cfg.run.store or Path(cfg.run.root) / "store").resolve()
+    return Path(cfg.run.store or Path(cfg.run.root) / run_folder.STORE).resolve()
 
 
 def version_name(signature: str, revision: int = 1) -> str:

@@ -20,10 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from pipeline import config as config_mod
-from pipeline import dag
+from pipeline import dag, run_folder
 from pipeline.atomic import atomic_write_json
 from pipeline.config import ConfigError
 from pipeline.backends import resolve_cluster
@@ -129,7 +127,7 @@ def check(grid: Grid, found: list[Point], cluster: str, extra: list[str]) -> str
 
 
 def record_path(root: str | Path, name: str) -> Path:
-    return Path(root) / "sweeps" / f"{name}.json"
+    return run_folder.sweep_record(root, name)
 
 
 def run_sweep(grid: Grid, cluster: str, extra: list[str]) -> int:

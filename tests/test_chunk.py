@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from data_prep.chunk import (ChunkSpec, collect_manifest, list_sources, pool_results,
-                             run_shard, shard_files, summarize)
+from data_prep.chunk import ChunkSpec, list_sources, pool_results, run_shard, shard_files
+from pipeline.chunk_manifest import collect_manifest, summarize
 from data_prep import chunk
 from pipeline.config import write_resolved
 from tests.conftest import make_cfg

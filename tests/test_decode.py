@@ -188,7 +188,7 @@ def test_a_cut_off_file_keeps_what_it_has_and_says_what_is_missing(clean_mp3, tm
 
 
 def test_the_chunk_summary_counts_and_lists_recovered_songs(damaged, tmp_path):
-    from data_prep.chunk import count_records, format_summary
+    from pipeline.chunk_manifest import count_records, format_summary
     path, _, _ = damaged
     spec = ChunkSpec(24000, 1, 2 * 24000, "drop", 1.0, None, 0, "float32", 30.0, "test")
     rec, _ = process_file((path, path.name, spec, tmp_path, None))
