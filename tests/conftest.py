@@ -7,16 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import config
+from tests.fixtures.config import make_cfg
 
 torch.set_num_threads(1)
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
-
-
-def make_cfg(root: Path, *overrides: str, experiment: str = "demo"):
-    """The demo config with its run root (and so its sqlite MLflow store) under `root`."""
-    return config.load(experiment, "local", [f"run.root={root}/runs", "run.name=t",
-                                             "mlflow.system_metrics=false", *overrides])
 
 
 @pytest.fixture

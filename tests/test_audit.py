@@ -13,8 +13,8 @@ import torch
 from jobs import audit
 from jobs import checkpoint as ckpt_io
 from pipeline.tracking import tracking_uri
-from tests.conftest import make_cfg
-from tests.tiny_gan_run import TINY, build_run, save_stage3
+from tests.fixtures.config import make_cfg
+from tests.fixtures.tiny_gan_run import TINY, build_run, save_stage3
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data_prep import augment
-from tests.conftest import make_cfg
+from tests.fixtures.config import make_cfg
 
 SR = 24000
 N_FFT, HOP = 2048, 512

@@ -18,7 +18,7 @@ from data_prep.chunk import ChunkSpec, list_sources, pool_results, run_shard, sh
 from pipeline.chunk_manifest import collect_manifest, summarize
 from data_prep import chunk
 from pipeline.config import write_resolved
-from tests.conftest import make_cfg
+from tests.fixtures.config import make_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
 

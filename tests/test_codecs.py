@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_cfg
+from tests.fixtures.config import make_cfg
 from data_prep.codec_encodec import WEIGHTS_FILE, WeightsError, file_sha256, load_weights
 from data_prep.codecs import load_codec
 

@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from data_prep.corpus import ensure_corpus, generate_corpus
-from tests.conftest import make_cfg
+from tests.fixtures.config import make_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,7 @@ from jobs.generator import build_generator
 from jobs.load_generator import load_generator
 from jobs.losses import generator_losses
 from pipeline import config, run_folder
-from tests.tiny_gan_run import build_run, save_stage3
+from tests.fixtures.tiny_gan_run import build_run, save_stage3
 
 TINY_MODEL = ["model.transformer.d_model=32", "model.transformer.layers=1",
               "model.transformer.heads=2", "model.transformer.ff_mult=2",

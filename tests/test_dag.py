@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import config, dag
-from tests.conftest import make_cfg
+from tests.fixtures.config import make_cfg
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.train_fixtures import (load_ckpt, make_run, mlflow_store, run, torchrun_cmd, env, REPO)
+from tests.fixtures.train_run import (load_ckpt, make_run, mlflow_store, run, torchrun_cmd, env, REPO)
 from jobs import train
 
 

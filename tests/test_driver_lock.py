@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from pipeline.driver_lock import LOCK_FILE, RunBusy, driver_lock
-from tests.conftest import make_cfg
+from tests.fixtures.config import make_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.chunk_outputs import write_chunks
-from tests.conftest import make_cfg
+from tests.fixtures.chunk_outputs import write_chunks
+from tests.fixtures.config import make_cfg
 from data_prep import encode, pairs
 from data_prep.codecs import load_codec
 from data_prep.latent_store import LatentStore

@@ -8,7 +8,7 @@ import torch
 from data_prep.codec_mel import MelCodec
 from data_prep.corpus import song
 from jobs import evaluate as ev
-from tests.conftest import make_cfg
+from tests.fixtures.config import make_cfg
 
 SR = 12000      # a legal data rate for the mel codec (hop 160); keeps the test quick
 SECONDS = 4.0
@@ -90,7 +90,7 @@ def test_evaluate_step_writes_metrics_and_logs_them(tmp_path):
     import mlflow
 
     from pipeline.tracking import tracking_uri
-    from tests.tiny_gan_run import build_run, save_stage3
+    from tests.fixtures.tiny_gan_run import build_run, save_stage3
 
     cfg, run_dir = build_run(tmp_path)
     save_stage3(cfg, run_dir, [1, 2])

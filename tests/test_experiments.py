@@ -8,7 +8,7 @@ import json
 import pytest
 
 from pipeline import store
-from tests.pipeline_fixtures import TINY, pipeline_cli, rows_by_step, submit
+from tests.fixtures.pipeline import TINY, pipeline_cli, rows_by_step, submit
 
 DATA_STEPS = ("chunk", "pairs", "encode")
 

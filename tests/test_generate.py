@@ -14,8 +14,8 @@ from jobs import fakes, generate, samples
 from jobs.load_generator import load_generator
 from pipeline import config, run_folder
 from pipeline.tracking import step_run, tracking_uri
-from tests.conftest import make_cfg
-from tests.tiny_gan_run import TINY, build_run, codec_description, save_stage3
+from tests.fixtures.config import make_cfg
+from tests.fixtures.tiny_gan_run import TINY, build_run, codec_description, save_stage3
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

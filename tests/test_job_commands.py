@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pipeline import config, slurm_executor
 from pipeline.launch import train_command
-from tests.conftest import make_cfg
+from tests.fixtures.config import make_cfg
 
 
 def test_sbatch_header_comes_from_the_template_and_the_profile(tmp_path):

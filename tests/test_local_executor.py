@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from pipeline import local_executor
-from tests.conftest import make_cfg
+from tests.fixtures.config import make_cfg
 
 
 @pytest.mark.skipif(not local_executor.WARM, reason="the fork server is used on Linux only")

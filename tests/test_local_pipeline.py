@@ -7,7 +7,7 @@ import re
 import pytest
 
 from pipeline import state
-from tests.pipeline_fixtures import pipeline_cli, rows_by_step, store_version, submit
+from tests.fixtures.pipeline import pipeline_cli, rows_by_step, store_version, submit
 
 ALL = ["chunk", "pairs", "encode", "stage1", "stage2", "stage3", "audit"]
 
@@ -112,7 +112,7 @@ def test_cancel_stops_the_driver_and_its_running_step(local_run):
 
     import psutil
 
-    from tests.pipeline_fixtures import REPO, TINY
+    from tests.fixtures.pipeline import REPO, TINY
     root = local_run["root"]
     driver = subprocess.Popen(
         [sys.executable, "-m", "pipeline.run", "stage2", "--experiment", "demo", "--cluster",
@@ -145,7 +145,7 @@ def test_sigterm_to_a_local_stage3_then_resume_continues_from_last_pt(local_run)
 
     import torch
 
-    from tests.pipeline_fixtures import REPO, TINY
+    from tests.fixtures.pipeline import REPO, TINY
     root = local_run["root"]
     run_dir = root / "termed"
     epochs = ["stage3.epochs=40", "stage3.checkpoint_every=20", "stage3.sample_every=0"]

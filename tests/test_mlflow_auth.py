@@ -16,8 +16,9 @@ import urllib.request
 import pytest
 
 from pipeline.mlflow_server import CredentialsError, make_credentials, read_credentials
-from tests.pipeline_fixtures import REPO, submit
-from tests.test_mlflow_server import free_port
+from tests.fixtures.pipeline import REPO, submit
+from tests.fixtures.network import free_port
+from tests.fixtures.slurm import needs_slurm
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +110,7 @@ def test_a_credentials_file_others_can_read_is_refused(tmp_path):
         read_credentials(path)
 
 
-HAS_SLURM = subprocess.run(["sinfo"], capture_output=True).returncode == 0 \
-    if __import__("shutil").which("sinfo") else False
-
-
-@pytest.mark.slurm
-@pytest.mark.skipif(not HAS_SLURM, reason="no SLURM cluster here: run `make slurm-up` (as root) first")
+@needs_slurm
 def test_sixteen_jobs_of_an_array_log_to_the_server_and_nothing_is_lost(auth_server):
     import submitit
 

@@ -11,9 +11,9 @@ import pytest
 
 from jobs import generate
 from pipeline import tracking
-from tests.conftest import make_cfg
-from tests.pipeline_fixtures import TINY, submit
-from tests.tiny_gan_run import build_run, save_stage3
+from tests.fixtures.config import make_cfg
+from tests.fixtures.pipeline import TINY, submit
+from tests.fixtures.tiny_gan_run import build_run, save_stage3
 
 
 def client_of(cfg) -> mlflow.MlflowClient:

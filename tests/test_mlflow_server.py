@@ -3,7 +3,6 @@ parent run, the step (child) runs, their metrics and artifacts are read back."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -12,15 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline_fixtures import submit
+from tests.fixtures.network import free_port
+from tests.fixtures.pipeline import submit
 
 MLFLOW = Path(sys.executable).parent / "mlflow"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import torch
 
 from data_prep.latent_store import LatentStore
 from jobs.pair_data import PairDataset, read_pairs
-from tests.train_fixtures import make_run
+from tests.fixtures.train_run import make_run
 
 
 def _which(store, song, chunk, x):
@@ -45,7 +45,7 @@ def test_pair_sides_share_variant_settings_and_fall_back_to_clean(tmp_path):
 def test_each_stage_draws_augmented_samples_at_its_own_rate(tmp_path):
     """The demo's 20/30/50% per stage, as the trainer opens its data, over many draws."""
     from jobs import distributed, train
-    from tests.conftest import make_cfg
+    from tests.fixtures.config import make_cfg
 
     run_dir = make_run(tmp_path, variants=1)
     demo = make_cfg(tmp_path)
@@ -75,8 +75,8 @@ def test_reconstruction_pairs_train_with_input_equal_to_target(tmp_path):
     from data_prep import pairs
     from jobs import distributed, train
     from pipeline.config import load_resolved
-    from tests.chunk_outputs import write_chunks
-    from tests.train_fixtures import mlflow_store
+    from tests.fixtures.chunk_outputs import write_chunks
+    from tests.fixtures.train_run import mlflow_store
 
     run_dir = make_run(tmp_path, f"mlflow.tracking_uri={mlflow_store(tmp_path)}",
                        "pairs.target=same", "stage2.augment_prob=1.0", variants=1)

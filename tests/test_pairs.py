@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.chunk_outputs import write_chunks
-from tests.conftest import make_cfg
+from tests.fixtures.chunk_outputs import write_chunks
+from tests.fixtures.config import make_cfg
 from data_prep import pairs
 from pipeline.config import ConfigError, write_resolved
 

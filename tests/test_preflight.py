@@ -1,18 +1,14 @@
 """Checks made before anything is queued: each failure names the key to change."""
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import pytest
 
 from pipeline.config import ConfigError
 from pipeline.preflight import Partition, check_music, check_partition, partitions
-from tests.conftest import make_cfg
-from tests.pipeline_fixtures import pipeline_cli
+from tests.fixtures.config import make_cfg
+from tests.fixtures.pipeline import pipeline_cli
+from tests.fixtures.slurm import needs_slurm
 
-HAS_SLURM = shutil.which("sinfo") is not None and \
-    subprocess.run(["sinfo"], capture_output=True).returncode == 0
 GPU_NODE = {"gpu*": Partition("gpu*", 2, 4, 32, 256000), "cpu": Partition("cpu", 8, 0, 64, 512000)}
 
 
@@ -56,8 +52,7 @@ def test_partition_checks_name_the_key_that_asks_too_much(tmp_path):
         check_partition(cfg, ["stage1"], GPU_NODE)
 
 
-@pytest.mark.slurm
-@pytest.mark.skipif(not HAS_SLURM, reason="no SLURM cluster here: run `make slurm-up` (as root) first")
+@needs_slurm
 def test_the_real_partition_is_read_and_a_step_asking_too_much_stops_the_submission(tmp_path):
     found = partitions()
     default = [p for name, p in found.items() if name.endswith("*")][0]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from jobs import distributed, train
-from tests.train_fixtures import REPO, env, load_ckpt, make_run, mlflow_store, train_cmd
+from tests.fixtures.train_run import REPO, env, load_ckpt, make_run, mlflow_store, train_cmd
 
 # 16 train pairs, batch 2: 8 steps per epoch, 3 epochs; stage 3 adds D pre-training and noise;
 # half the training samples come from augmented variants (seeded by epoch and index).

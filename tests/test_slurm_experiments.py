@@ -3,21 +3,15 @@ queued at once and the steps they share are built by one job the others wait on.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import time
 
 import pytest
 
 from pipeline import store
-from tests.pipeline_fixtures import TINY, pipeline_cli, submit, wait_for
+from tests.fixtures.slurm import SLURM
+from tests.fixtures.pipeline import TINY, pipeline_cli, submit, wait_for
 
-pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.skipif(shutil.which("sinfo") is None or
-                       subprocess.run(["sinfo"], capture_output=True).returncode != 0,
-                       reason="no SLURM cluster here: run `make slurm-up` (as root) first"),
-]
+pytestmark = SLURM
 DATA_STEPS = ["chunk", "pairs", "encode"]
 
 

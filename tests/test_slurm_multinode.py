@@ -19,8 +19,10 @@ import pytest
 import torch
 
 from pipeline import parent_run, state
-from tests.pipeline_fixtures import TERMINAL, pipeline_cli, rows_by_step, submit, wait_for
-from tests.test_slurm_pipeline import pytestmark  # noqa: F401  (slurm marker, skip rule)
+from tests.fixtures.pipeline import TERMINAL, pipeline_cli, rows_by_step, submit, wait_for
+from tests.fixtures.slurm import SLURM
+
+pytestmark = SLURM
 
 STAGE3 = ["stage3.epochs=4", "stage3.batch_size=4"]
 

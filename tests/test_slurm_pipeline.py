@@ -6,7 +6,6 @@ steps, so each of them only runs the jobs it is about.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -15,14 +14,10 @@ import pytest
 import torch
 
 from pipeline import state
-from tests.pipeline_fixtures import pipeline_cli, rows_by_step, store_version, submit, wait_for
+from tests.fixtures.slurm import SLURM
+from tests.fixtures.pipeline import pipeline_cli, rows_by_step, store_version, submit, wait_for
 
-pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.skipif(shutil.which("sinfo") is None or
-                       subprocess.run(["sinfo"], capture_output=True).returncode != 0,
-                       reason="no SLURM cluster here: run `make slurm-up` (as root) first"),
-]
+pytestmark = SLURM
 ALL = ["chunk", "pairs", "encode", "stage1", "stage2", "stage3", "audit"]
 
 
@@ -186,7 +181,7 @@ def test_a_config_edited_after_submission_does_not_change_the_queued_jobs(full_r
                                                                          tmp_path):
     """Jobs read the resolved config written at submission, never the YAML files: an
     experiment file edited while the chain waits in the queue changes nothing of it."""
-    from tests.pipeline_fixtures import TINY
+    from tests.fixtures.pipeline import TINY
     exp = tmp_path / "exp.yaml"
     exp.write_text("extends: demo\nstage1: {epochs: 2}\n")
     res = pipeline_cli("run", "stage1", "--experiment", str(exp), "--cluster", "slurm",

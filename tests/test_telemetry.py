@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from jobs.telemetry import Telemetry, peak_rss_mb
 from pipeline.tracking import step_run, tracking_uri
-from tests.conftest import make_cfg
+from tests.fixtures.config import make_cfg
 
 CPU = torch.device("cpu")
 

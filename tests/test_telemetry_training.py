@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 
 from jobs.train import load_config
 from pipeline.tracking import tracking_uri
-from tests import train_fixtures as tf
+from tests.fixtures import train_run as tf
 
 
 @pytest.mark.slow  # a training subprocess plus a fresh MLflow store: about 40 s here

@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 
 from pipeline import tracking
-from tests.conftest import make_cfg
+from tests.fixtures.config import make_cfg
 
 
 def test_child_runs_nest_under_parent_and_reopen_on_resume(tmp_path):
@@ -121,7 +121,7 @@ def test_drivers_starting_together_on_a_fresh_store_all_get_it(tmp_path):
     """Four processes set up one new sqlite store at the same moment: none dies on the
     table creation race, and there is one experiment."""
     code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
-            "from tests.conftest import make_cfg\nfrom pipeline import tracking\n"
+            "from tests.fixtures.config import make_cfg\nfrom pipeline import tracking\n"
             "from pathlib import Path\n"
             "cfg = make_cfg(Path(sys.argv[2]))\n"
             "print(tracking.setup(cfg)[1])\n")

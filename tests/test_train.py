@@ -14,7 +14,7 @@ import torch
 from data_prep.latent_store import LatentStore
 from jobs import distributed, train, train_state, validation
 from jobs.pair_data import GlobalBatchSampler, PairDataset, read_pairs
-from tests.train_fixtures import load_ckpt, make_run, mlflow_store
+from tests.fixtures.train_run import load_ckpt, make_run, mlflow_store
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from jobs.ema import Ema
 from jobs.load_generator import load_generator
 from pipeline.run_folder import read_encode_manifest as read_manifest
 from jobs.train_step import generator_step
-from tests.train_fixtures import load_ckpt, make_run, mlflow_store, run, torchrun_cmd
+from tests.fixtures.train_run import load_ckpt, make_run, mlflow_store, run, torchrun_cmd
 
 
 @pytest.fixture(scope="module")
