@@ -176,6 +176,10 @@ def wait_running_epochs(run_dir: Path, stage: str, epochs: int, timeout: float =
 def test_killed_node_fails_clearly_and_resume_matches(two_nodes, root):
     run_dir = submit_stage3(root, "killed", "stage3.checkpoint_every=3")
     job = wait_running_epochs(run_dir, "stage3", 1)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "stage3" / "last.pt").exists():   # epoch 1's checkpoint is saved
+        assert time.monotonic() < deadline, "stage 3 never saved last.pt"
+        time.sleep(0.2)
     victims = worker_pids(job, 1)
     assert victims, "no training worker of node rank 1 found"
     os.kill(victims[0], signal.SIGKILL)
