@@ -40,3 +40,18 @@ def shared_mlflow_uri(tmp_path_factory):
     """One sqlite MLflow store for the session (creating a store's tables takes seconds);
     pass it as the override f"mlflow.tracking_uri={uri}"."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite MLflow store per test module (the trainer's tests share it)."""
+    from tests.fixtures.train_run import mlflow_store
+    return mlflow_store(tmp_path_factory.mktemp("mlflow"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_determinism():
+    """A trainer run turns deterministic algorithms on for the process; turn them off after."""
+    yield
+    torch.use_deterministic_algorithms(False)
+

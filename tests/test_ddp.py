@@ -6,16 +6,10 @@ import json
 import socket
 import subprocess
 
-import pytest
 import torch
 
-from tests.fixtures.train_run import (load_ckpt, make_run, mlflow_store, run, torchrun_cmd, env, REPO)
+from tests.fixtures.train_run import (load_ckpt, make_run, run, torchrun_cmd, env, REPO)
 from jobs import train
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return mlflow_store(tmp_path_factory.mktemp("mlflow"))
 
 
 def metrics_lines(run_dir, stage):

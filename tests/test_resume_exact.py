@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from jobs import distributed, train
-from tests.fixtures.train_run import REPO, env, load_ckpt, make_run, mlflow_store, train_cmd
+from tests.fixtures.train_run import REPO, env, load_ckpt, make_run, train_cmd
 
 # 16 train pairs, batch 2: 8 steps per epoch, 3 epochs; stage 3 adds D pre-training and noise;
 # half the training samples come from augmented variants (seeded by epoch and index).
@@ -35,17 +35,6 @@ class StopAfter(distributed.StopSignal):
         if self.n < 0:
             self.received = "SIGUSR2"
         return bool(self.received)
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return mlflow_store(tmp_path_factory.mktemp("mlflow"))
-
-
-@pytest.fixture(autouse=True)
-def _restore_determinism():
-    yield
-    torch.use_deterministic_algorithms(False)
 
 
 def run_in_process(run_dir, stage, stop=None) -> int:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pipeline import parent_run, state
-from tests.fixtures.pipeline import TERMINAL, pipeline_cli, rows_by_step, submit, wait_for
+from tests.fixtures.pipeline import pipeline_cli, rows_by_step, submit, wait_for, wait_running_epochs
 from tests.fixtures.slurm import SLURM
 
 pytestmark = SLURM
@@ -159,18 +159,6 @@ def worker_pids(job: str, node_rank: int) -> list[int]:
     return found
 
 
-def wait_running_epochs(run_dir: Path, stage: str, epochs: int, timeout: float = 600) -> str:
-    """The job id once `stage` runs and has finished `epochs` epochs."""
-    deadline = time.monotonic() + timeout
-    metrics = run_dir / stage / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        row = rows_by_step(run_dir)[stage]
-        if row["state"] == "RUNNING" and metrics.exists() and \
-                len(metrics.read_text().splitlines()) >= epochs:
-            return row["job"]
-        assert row["state"] not in TERMINAL, row
-        time.sleep(0.5)
-    raise TimeoutError(f"{stage} never ran {epochs} epoch(s)")
 
 
 def test_killed_node_fails_clearly_and_resume_matches(two_nodes, root):

@@ -15,7 +15,8 @@ import torch
 
 from pipeline import state
 from tests.fixtures.slurm import SLURM
-from tests.fixtures.pipeline import pipeline_cli, rows_by_step, store_version, submit, wait_for
+from tests.fixtures.pipeline import (pipeline_cli, store_version, submit, wait_for,
+                                     wait_running_epochs)
 
 pytestmark = SLURM
 ALL = ["chunk", "pairs", "encode", "stage1", "stage2", "stage3", "audit"]
@@ -94,17 +95,6 @@ def test_second_submit_skips_complete_steps(full_run, root):
     assert "submitted" not in res.stderr
 
 
-def _wait_running_with_epochs(run_dir: Path, stage: str, epochs: int, timeout: float = 240) -> str:
-    deadline = time.monotonic() + timeout
-    metrics = run_dir / stage / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        row = rows_by_step(run_dir)[stage]
-        if row["state"] == "RUNNING" and metrics.exists() and \
-                len(metrics.read_text().splitlines()) >= epochs:
-            return row["job"]
-        assert row["state"] not in ("FAILED", "COMPLETED"), row
-        time.sleep(0.5)
-    raise TimeoutError(f"{stage} never ran {epochs} epoch(s)")
 
 
 def test_usr2_checkpoints_requeues_and_matches_an_uninterrupted_run(full_run, root):
@@ -117,7 +107,7 @@ def test_usr2_checkpoints_requeues_and_matches_an_uninterrupted_run(full_run, ro
         res = submit("stage1", root, name, longer, f"stage1.checkpoint_every={every}")
         assert res.returncode == 0, res.stderr
     run_dir = root / "requeue"
-    job = _wait_running_with_epochs(run_dir, "stage1", 1)
+    job = wait_running_epochs(run_dir, "stage1", 1)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     rows = wait_for(run_dir, ["stage1"], timeout=300)
     assert rows["stage1"]["state"] == "COMPLETED", rows

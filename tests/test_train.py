@@ -14,26 +14,7 @@ import torch
 from data_prep.latent_store import LatentStore
 from jobs import distributed, train, train_state, validation
 from jobs.pair_data import GlobalBatchSampler, PairDataset, read_pairs
-from tests.fixtures.train_run import load_ckpt, make_run, mlflow_store
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return mlflow_store(tmp_path_factory.mktemp("mlflow"))
-
-
-@pytest.fixture(autouse=True)
-def _restore_determinism():
-    yield
-    torch.use_deterministic_algorithms(False)
-
-
-def run_stage(run_dir, stage) -> int:
-    return train.main(["--run-dir", str(run_dir), "--stage", stage])
-
-
-def read_json(path):
-    return json.loads(path.read_text())
+from tests.fixtures.train_run import read_json, run_stage, load_ckpt, make_run
 
 
 def metrics(run_dir, stage):

@@ -15,26 +15,7 @@ from jobs.ema import Ema
 from jobs.load_generator import load_generator
 from pipeline.run_folder import read_encode_manifest as read_manifest
 from jobs.train_step import generator_step
-from tests.fixtures.train_run import load_ckpt, make_run, mlflow_store, run, torchrun_cmd
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return mlflow_store(tmp_path_factory.mktemp("mlflow"))
-
-
-@pytest.fixture(autouse=True)
-def _restore_determinism():
-    yield
-    torch.use_deterministic_algorithms(False)
-
-
-def run_stage(run_dir, stage) -> int:
-    return train.main(["--run-dir", str(run_dir), "--stage", stage])
-
-
-def read_json(path):
-    return json.loads(path.read_text())
+from tests.fixtures.train_run import read_json, run_stage, load_ckpt, make_run, run, torchrun_cmd
 
 
 def max_diff(a: dict, b: dict) -> float:
