@@ -311,5 +311,36 @@ def _recovery(info: AudioInfo, log: dict, lost: Optional[float], cause: str,
     stopped."""
     if not log["errors"]:
         return Recovery(lost, stopped_s or 0.0, "ffmpeg", f"{cause}; ffmpeg reported nothing")
-    at_s = log["error_at"] // (4 * info.channels) / info.sample_rate
+    at_s = first_error_at(info.path)
+    if at_s is None:   # the pass's own estimate (as far as the output had been read then)
+        at_s = log["error_at"] // (4 * info.channels) / info.sample_rate
     return Recovery(lost, at_s, "ffmpeg", f"{cause}; ffmpeg: {log['errors'][0]}".lstrip("; "))
+
+
+_FRAME = re.compile(r"pts_time:(\S+) .*nb_samples:(\d+)")
+_RATE = re.compile(r" rate:(\d+)")
+
+
+def first_error_at(path: Path) -> Optional[float]:
+    """Seconds of good audio before ffmpeg's first decode error, from one more pass in which
+    ffmpeg logs every decoded frame and its errors on one stream, in order (the error's
+    position in the sample pipe depends on how fast it is read); None if it logs none."""
+    cmd = ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "level+info", "-i", str(path),
+           "-map", "0:a:0", "-af", "ashowinfo", "-f", "null", "-"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    end, start = 0.0, None
+    try:
+        for raw in proc.stderr:
+            line = raw.decode(errors="replace")
+            if "[error]" in line or "[fatal]" in line:
+                return max(0.0, end - (start or 0.0))
+            frame, rate = _FRAME.search(line), _RATE.search(line)
+            if frame and rate and frame.group(1) != "NOPTS":
+                t = float(frame.group(1))
+                start = t if start is None else start
+                end = t + int(frame.group(2)) / int(rate.group(1))
+        return None
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
