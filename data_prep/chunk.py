@@ -7,7 +7,8 @@ final count at the end), so memory stays flat with song length. Every source fil
 manifest line (ok, skipped or failed with the reason); one bad file never stops the run.
 Chunks quieter than data.silence_db are not stored, so the line's `positions` gives each
 stored chunk's index in time (a dropped chunk leaves a hole there; pairs must not span it).
-A re-run reuses files whose sha256 and chunk settings are unchanged and whose array exists.
+A re-run reuses the records of files whose sha256 is unchanged, made under the step's
+signature (pipeline/dag.py), whose array exists.
 
 MLflow: every shard logs to its own child run `chunk/shard-<i>-of-<n>` (shards of a job
 array run at once, so they cannot share one run); `summarize` gives the totals.
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from data_prep.corpus import ensure_corpus
 from data_prep.decode import AudioError, decode_recovering, probe
-from pipeline import run_folder as rf
+from pipeline import dag, run_folder as rf
 from pipeline.run_folder import AUDIO_EXTS
 from pipeline.atomic import atomic_path, atomic_write_json, atomic_write_text
 from pipeline.config import ConfigError, load_resolved, write_resolved
@@ -43,11 +44,6 @@ from pipeline.chunk_manifest import chunk_dir, count_records, format_summary, pr
 from pipeline.schema import Config
 from pipeline.file_lock import file_lock
 from pipeline.tracking import ensure_parent_run, step_run
-
-# The data settings that change what is written; others (workers, shards) do not.
-CHUNK_KEYS = ("sample_rate", "channels", "chunk_seconds", "tail", "min_seconds", "silence_db",
-              "max_chunks_per_song", "dtype")
-
 
 @dataclass(frozen=True)
 class ChunkSpec:
@@ -61,20 +57,14 @@ class ChunkSpec:
     max_chunks: int
     dtype: str
     block_seconds: float
-    config_hash: str
+    signature: str            # the step's (pipeline/dag.py): records made under another are redone
 
     @classmethod
     def from_cfg(cls, cfg: Config) -> "ChunkSpec":
         d = cfg.data
         return cls(d.sample_rate, d.channels, int(round(d.chunk_seconds * d.sample_rate)),
                    d.tail, d.min_seconds, d.silence_db, d.max_chunks_per_song, d.dtype,
-                   d.block_seconds, chunk_config_hash(cfg))
-
-
-def chunk_config_hash(cfg: Config) -> str:
-    """sha256 of the settings that decide the chunk arrays' content."""
-    payload = json.dumps({k: getattr(cfg.data, k) for k in CHUNK_KEYS}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
+                   d.block_seconds, dag.signature_of(cfg, rf.CHUNK))
 
 
 # --- which files --------------------------------------------------------------------
@@ -107,7 +97,7 @@ def folder_records(source: Path, spec: "ChunkSpec") -> list[dict]:
     """One skipped manifest line per unreadable folder (no file inside it can be chunked)."""
     return [{"source": str(path), "song_id": "", "sha256": "", "duration_s": 0.0,
              "sample_rate": 0, "channels": 0, "chunks": 0, "positions": [], "array": "",
-             "status": "skipped", "reason": reason, "config_hash": spec.config_hash}
+             "status": "skipped", "reason": reason, "signature": spec.signature}
             for path, reason in unreadable_folders(source)]
 
 
@@ -221,9 +211,10 @@ def write_song(blocks: Iterable[np.ndarray], spec: ChunkSpec,
 # --- one file -------------------------------------------------------------------------
 
 def reusable(prev: Optional[dict], sha: str, spec: ChunkSpec, songs_dir: Path) -> bool:
-    """An earlier record still holds: same bytes, same settings, and its array (if any) exists.
+    """An earlier record still holds: same bytes, made under the same signature, and its
+    array (if any) exists.
     An ok record without `positions` (written before they were recorded) is redone."""
-    if not prev or prev.get("sha256") != sha or prev.get("config_hash") != spec.config_hash:
+    if not prev or prev.get("sha256") != sha or prev.get("signature") != spec.signature:
         return False
     if prev.get("status") == "ok":
         return "positions" in prev and (songs_dir.parent / prev["array"]).is_file()
@@ -257,7 +248,7 @@ def process_file(job: tuple) -> tuple[dict, bool]:
     path, relpath, spec, songs_dir, prev = job
     rec = {"source": str(path), "song_id": "", "sha256": "", "duration_s": 0.0,
            "sample_rate": 0, "channels": 0, "chunks": 0, "positions": [], "array": "",
-           "status": "failed", "reason": "", "config_hash": spec.config_hash}
+           "status": "failed", "reason": "", "signature": spec.signature}
     if path.is_symlink() and not path.exists():
         rec.update(status="skipped", reason=f"dangling symlink to {os.readlink(path)}")
         return rec, False
@@ -315,7 +306,7 @@ def _crashed(job: tuple) -> tuple[dict, bool]:
     return ({"source": str(path), "song_id": "", "sha256": "", "duration_s": 0.0,
              "sample_rate": 0, "channels": 0, "chunks": 0, "positions": [], "array": "",
              "status": "failed", "reason": "decode error: the decoding process died on this file",
-             "config_hash": spec.config_hash}, False)
+             "signature": spec.signature}, False)
 
 
 def pool_results(jobs: list[tuple], workers: int,
@@ -397,7 +388,8 @@ def run_shard(cfg: Config, run_dir: Path, shard: int = 0, num_shards: int = 1,
     with file_lock(run_dir / ".mlflow.lock"):  # shards starting together must not both
         ensure_parent_run(cfg, run_dir)       # create the sqlite store or the parent run
     with step_run(cfg, run_dir, f"chunk/shard-{tag}") as tracker:
-        tracker.log_params({"data": {k: getattr(cfg.data, k) for k in CHUNK_KEYS},
+        tracker.log_params({"data": {k: v for k, v in vars(cfg.data).items()
+                                     if f"data.{k}" not in dag.step(rf.CHUNK).leaves_out},
                             "shard": shard, "num_shards": num_shards, "source": str(source),
                             "files": len(files), "workers": cfg.data.workers})
         start = time.perf_counter()
@@ -410,7 +402,7 @@ def run_shard(cfg: Config, run_dir: Path, shard: int = 0, num_shards: int = 1,
                                             for r in records))
         journal.unlink(missing_ok=True)
         summary = {**count_records(records), "shard": shard, "num_shards": num_shards,
-                   "source": str(source), "config_hash": spec.config_hash, "reused": reused,
+                   "source": str(source), "signature": spec.signature, "reused": reused,
                    "seconds": round(elapsed, 3)}
         summary_path = rf.chunk_summary(out_dir, tag)
         atomic_write_json(summary_path, summary)

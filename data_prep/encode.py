@@ -1,9 +1,11 @@
 """Step 3, encode: every chunk of every ok song once into float16 latent shards + a manifest.
 
 The row order (songs sorted by id, chunks in order) and so each shard's contents are fixed
-up front by a plan whose signatures cover the inputs, codec and settings; a shard file
-exists only once it is whole (memmap into a temp file, then rename), so a re-run after a
-kill encodes only the missing shards. With encode.augment.variants = K > 0, each chunk of
+up front; a shard file exists only once it is whole (memmap into a temp file, then rename),
+so a re-run after a kill encodes only the missing shards. plan.json keys the shards by the
+step's signature (augmented shards) and by its clean part's (pipeline/dag.py PARTS), so a
+new version of the step that differs only in augmentation or pairs takes the clean shards
+of an earlier one (hard links) instead of encoding them again. With encode.augment.variants = K > 0, each chunk of
 each TRAIN song (from pairs/train.jsonl) also gets up to K augmented variants
 (data_prep.augment.make_variants) in separate `aug-*.npy` shards; validation songs never do.
 Variants keep the chunk length (checked again here) so every row has T frames.
@@ -11,10 +13,11 @@ Variants keep the chunk length (checked again here) so every row has T frames.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
+import os
 import queue
+import shutil
 import sys
 import threading
 import time
@@ -28,7 +31,7 @@ from tqdm import tqdm
 
 from data_prep.codecs import Codec, load_codec
 from data_prep.pairs import ok_songs
-from pipeline import run_folder as rf
+from pipeline import dag, run_folder as rf
 from pipeline.atomic import atomic_path, atomic_write_json, is_temp_file
 from pipeline.config import load_resolved
 from pipeline.malloc import reuse_freed_memory
@@ -88,25 +91,19 @@ def train_songs(run_dir: Path) -> list[str]:
 
 
 # --- plan --------------------------------------------------------------------------------
-def _digest(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+def plan_keys(cfg: Config, run_dir: Path) -> dict[str, str]:
+    """What each part of the shards is made from: the clean part's signature and the
+    step's (pipeline/dag.py), each with the chunk version read (a forced chunk rerun makes
+    another version under the same signature)."""
+    chunk = rf.step_dir(run_dir, rf.CHUNK).resolve().name
+    return {"clean": f"{dag.signature_of(cfg, rf.ENCODE, 'clean')}@{chunk}",
+            "aug": f"{dag.signature_of(cfg, rf.ENCODE)}@{chunk}"}
 
 
-def plan_signatures(codec: Codec, arrays: dict[str, np.ndarray], samples: int, cfg: Config,
-                    aug_songs: list[str]) -> dict[str, str]:
-    """Hashes of what decides the clean and the augmented shards' contents, kept apart so
-    that new augmentation settings (or a new split) never re-encode the clean latents."""
-    clean = {"codec": codec.describe(), "songs": {s: a.shape[0] for s, a in arrays.items()},
-             "samples": samples, "shard_size": cfg.encode.shard_size}
-    aug = {**clean, "augment": vars(cfg.encode.augment), "aug_songs": aug_songs,
-           "seed": cfg.run.seed, "sample_rate": cfg.data.sample_rate}
-    return {"clean": _digest(clean), "aug": _digest(aug) if aug_songs else ""}
-
-
-def prepare_shard_dir(shards: Path, plan_file: Path, signatures: dict[str, str]) -> None:
-    """Drop temp leftovers of killed writes, and the shards of a plan part that changed;
-    on any change also forget the step's MLflow child run (a resumed run keeps it; a
-    changed one starts anew, since MLflow refuses to change a logged param)."""
+def prepare_shard_dir(shards: Path, plan_file: Path, keys: dict[str, str]) -> None:
+    """Drop temp leftovers of killed writes, and the shards of a part whose key changed
+    (only a step called again on the same folder with other settings: the store gives
+    each signature its own folder)."""
     shards.mkdir(parents=True, exist_ok=True)
     for path in shards.iterdir():
         if is_temp_file(path):
@@ -114,17 +111,45 @@ def prepare_shard_dir(shards: Path, plan_file: Path, signatures: dict[str, str])
             path.unlink()
     old = json.loads(plan_file.read_text()) if plan_file.exists() else {}
     for part, prefix in rf.SHARD_PREFIXES.items():
-        if old.get(part) != signatures[part]:
+        if old.get(part) != keys[part]:
             stale = [p for p in shards.iterdir() if p.name.startswith(prefix)]
             if stale:
                 log.info("encode: %s inputs or settings changed; removing %d old shard files",
                          part, len(stale))
             for path in stale:
                 path.unlink()
-    if old != signatures:
+    if old != keys:
         if old:
             (plan_file.parent / rf.ENCODE_MANIFEST).unlink(missing_ok=True)  # stale until rebuilt
-        atomic_write_json(plan_file, signatures)
+        atomic_write_json(plan_file, keys)
+
+
+def take_clean_shards(out: Path, key: str) -> int:
+    """Hard-link (or copy) the clean shards that other versions of the step made under the
+    same clean key into this one; return how many were taken."""
+    here = out.resolve()
+    taken = 0
+    for other in sorted(p for p in here.parent.iterdir() if p.is_dir() and p != here):
+        try:
+            if json.loads((other / rf.ENCODE_PLAN).read_text()).get("clean") != key:
+                continue
+        except (OSError, ValueError):
+            continue
+        for src in sorted((other / rf.SHARDS).glob(rf.SHARD_PREFIXES["clean"] + "*.npy")):
+            dst = here / rf.SHARDS / src.name
+            if dst.exists() or is_temp_file(src):
+                continue
+            with atomic_path(dst) as tmp:
+                tmp.unlink()
+                try:
+                    os.link(src, tmp)
+                except OSError:       # another file system, or no hard links there
+                    shutil.copyfile(src, tmp)
+            taken += 1
+        if taken:
+            log.info("encode: took %d clean shards from version %s (same clean key)",
+                     taken, other.name)
+    return taken
 
 
 # --- encoding ----------------------------------------------------------------------------
@@ -332,8 +357,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
     aug_ids = [s for s in train_songs(run_dir) if s in arrays] if enc.augment.variants > 0 else []
     codec = load_codec(enc, cfg.data.sample_rate, enc.device, seed=cfg.run.seed)
     frames = codec.frames(samples)
-    signatures = plan_signatures(codec, arrays, samples, cfg, aug_ids)
-    prepare_shard_dir(shards, rf.encode_plan(run_dir), signatures)
+    keys = plan_keys(cfg, run_dir)
+    prepare_shard_dir(shards, rf.encode_plan(run_dir), keys)
+    taken = take_clean_shards(out, keys["clean"])
     write_resolved(cfg, out)
 
     rows = [(s, c) for s in sorted(arrays) for c in range(arrays[s].shape[0])]
@@ -364,10 +390,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
                              frames, bar)
             aug_s = time.perf_counter() - start - clean_s
         bar.close()
-        manifest = build_manifest(codec, shards, clean, aug, frames, samples, cfg, signatures)
+        manifest = build_manifest(codec, shards, clean, aug, frames, samples, cfg, keys)
         atomic_write_json(rf.encode_manifest(run_dir), manifest)
         speed = n_clean * samples / cfg.data.sample_rate / clean_s if n_clean else 0.0
         tr.log_metrics({"chunks": len(rows), "chunks_encoded": n_clean,
+                        "clean_shards_taken": taken,
                         "encode_seconds": clean_s, "x_real_time": speed,
                         "chunks_per_second": n_clean / clean_s if n_clean else 0.0,
                         "augmented_sources": n_aug, "augment_seconds": aug_s,
@@ -385,7 +412,7 @@ def _ticking(batches: Iterator[np.ndarray], bar: tqdm) -> Iterator[np.ndarray]:
 
 
 def build_manifest(codec: Codec, shards: Path, clean: list, aug: list, frames: int,
-                   samples: int, cfg: Config, signatures: dict[str, str]) -> dict:
+                   samples: int, cfg: Config, keys: dict[str, str]) -> dict:
     """The encode manifest (docs/formats.md) from the plan and the finished shards."""
     index: dict[str, list] = {}
     for k, group in enumerate(clean):
@@ -411,7 +438,7 @@ def build_manifest(codec: Codec, shards: Path, clean: list, aug: list, frames: i
             "index": index, "aug_shards": aug_shards, "augmented": augmented,
             "augment": {"variants": cfg.encode.augment.variants, "rows": kept,
                         "dropped": dropped, "songs": len(augmented)},
-            "seed": cfg.run.seed, "signatures": signatures}
+            "seed": cfg.run.seed, "plan": keys}
 
 
 def main(argv: list[str] | None = None) -> None:

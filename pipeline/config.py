@@ -11,8 +11,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import hashlib
-import json
 import typing
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -317,13 +315,6 @@ def validate(cfg: Config) -> None:
 def to_dict(obj: Any) -> dict:
     """Plain nested dict of a config (or any section of it)."""
     return dataclasses.asdict(obj)
-
-
-def section_hash(obj: Any) -> str:
-    """Stable sha256 of a config section, for step signatures."""
-    payload = json.dumps(to_dict(obj) if dataclasses.is_dataclass(obj) else obj,
-                         sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def write_resolved(cfg: Config, folder: Path) -> Path:

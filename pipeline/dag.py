@@ -9,8 +9,15 @@ A step's signature is a sha256 over three things:
      orchestration code under `pipeline/` is not part of it,
   3. the signatures of the steps it depends on (so a change anywhere upstream reruns
      everything downstream).
-Resources (GPUs, nodes, time) and the run name are not in it: they change where and how
-fast a step runs, not what it computes.
+Resources (GPUs, nodes, time, chunk's shard and worker counts) and the run name are not in
+it: they change where and how fast a step runs, not what it computes.
+
+The signature is the one key for reuse as well. A step's outputs live in one folder per
+signature (pipeline/store.py); inside it, work a killed job left is kept when it was made
+under the same signature (chunk's per-file records, encode's shards). A part of a step
+that reads less than the whole step (PARTS: encode's clean latents do not depend on the
+augmentation or the pairs) has a signature of its own, computed by the same rule, and is
+taken from another version of the step that made it under that part signature.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ class Step:
     kind: str                   # "array" (chunk shards), "data", "train" or "job"
     reuses_memory: bool = False  # big arrays freed and allocated batch after batch: the job's
                                  # process tunes malloc to reuse them (pipeline/malloc.py)
+    leaves_out: tuple[str, ...] = ()  # keys inside `sections` that do not change the output
 
     def num_shards(self, cfg: Config) -> Optional[int]:
         """How many shards (array tasks) the step runs as; None for a single job."""
@@ -47,7 +55,8 @@ class Step:
 
 
 STEPS: dict[str, Step] = {s.name: s for s in (
-    Step("chunk", (), ("data", "run.seed"), "data_prep.chunk", "array"),
+    Step("chunk", (), ("data", "run.seed"), "data_prep.chunk", "array",
+         leaves_out=("data.num_shards", "data.workers", "data.max_failed_share")),
     Step("pairs", ("chunk",), ("pairs", "run.seed"), "data_prep.pairs", "data"),
     Step("encode", ("pairs",), ("encode", "run.seed"), "data_prep.encode", "data",
          reuses_memory=True),
@@ -58,6 +67,19 @@ STEPS: dict[str, Step] = {s.name: s for s in (
     Step("generate", ("stage3",), ("generate",), "jobs.generate", "job"),
     Step("evaluate", ("generate",), ("evaluate", "generate"), "jobs.evaluate", "job"),
 )}
+
+
+@dataclass(frozen=True)
+class Part:
+    """A part of a step's output that reads less than the whole step."""
+    leaves_out: tuple[str, ...]   # config keys of the step the part does not read
+    upstream: tuple[str, ...]     # the upstream steps it reads
+
+
+PARTS: dict[tuple[str, str], Part] = {
+    # the clean latents: every chunk encoded once; no augmentation, no train/val split
+    ("encode", "clean"): Part(("encode.augment",), ("chunk",)),
+}
 
 # What each CLI target asks for; every step it needs that is not complete comes along.
 TARGETS: dict[str, tuple[str, ...]] = {
@@ -80,17 +102,22 @@ def step(name: str) -> Step:
     return STEPS[name]
 
 
+def needs(name: str) -> list[str]:
+    """`name` and every step it depends on, directly or not, in run order."""
+    wanted, todo = set(), [step(name).name]
+    while todo:
+        n = todo.pop()
+        if n not in wanted:
+            wanted.add(n)
+            todo.extend(step(n).upstream)
+    return [n for n in STEPS if n in wanted]
+
+
 def plan(target: str) -> list[str]:
     """The steps of a target and everything they need, in run (topological) order."""
     if target not in TARGETS:
         raise DagError(f"unknown target '{target}'; targets are: {', '.join(TARGETS)}")
-    wanted: set[str] = set()
-    todo = list(TARGETS[target])
-    while todo:
-        name = todo.pop()
-        if name not in wanted:
-            wanted.add(name)
-            todo.extend(step(name).upstream)
+    wanted = {n for name in TARGETS[target] for n in needs(name)}
     return [name for name in STEPS if name in wanted]
 
 
@@ -103,11 +130,13 @@ def downstream(name: str, among: list[str]) -> list[str]:
     return [s for s in among if s in hit]
 
 
-def _section(cfg: Config, dotted: str) -> Any:
+def _section(cfg: Config, dotted: str, leaves_out: tuple[str, ...] = ()) -> Any:
     obj: Any = cfg
     for part in dotted.split("."):
         obj = getattr(obj, part)
-    return config_mod.to_dict(obj) if hasattr(obj, "__dataclass_fields__") else obj
+    if not hasattr(obj, "__dataclass_fields__"):
+        return obj
+    return {k: v for k, v in config_mod.to_dict(obj).items() if f"{dotted}.{k}" not in leaves_out}
 
 
 def module_file(module: str) -> Path:
@@ -160,16 +189,31 @@ def code_version(module: str) -> str:
     return digest.hexdigest()
 
 
-def signature(cfg: Config, name: str, upstream_sigs: dict[str, str]) -> str:
-    """The signature of one step given its upstream steps' signatures."""
+def signature(cfg: Config, name: str, upstream_sigs: dict[str, str],
+              part: Optional[str] = None) -> str:
+    """The signature of one step (or of one of its PARTS) given its upstream steps'
+    signatures."""
     s = step(name)
+    leaves_out, upstream = s.leaves_out, s.upstream
+    if part is not None:
+        if (name, part) not in PARTS:
+            raise DagError(f"step '{name}' has no part '{part}'")
+        p = PARTS[(name, part)]
+        leaves_out, upstream = leaves_out + p.leaves_out, p.upstream
     payload = {
-        "step": name,
-        "config": {dotted: _section(cfg, dotted) for dotted in s.sections},
+        "step": name + (f"/{part}" if part else ""),
+        "config": {dotted: _section(cfg, dotted, leaves_out) for dotted in s.sections},
         "code": code_version(s.module),
-        "upstream": {u: upstream_sigs[u] for u in s.upstream},
+        "upstream": {u: upstream_sigs[u] for u in upstream},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def signature_of(cfg: Config, name: str, part: Optional[str] = None) -> str:
+    """The signature a job of step `name` (or of its `part`) runs under: from the run's
+    config and the code on disk, as the submitter computed it."""
+    upstream = signatures(cfg, needs(name))
+    return signature(cfg, name, upstream, part) if part else upstream[name]
 
 
 def signatures(cfg: Config, names: list[str]) -> dict[str, str]:

@@ -146,6 +146,7 @@ def read_pairs(path: Path) -> list[dict]:
 # --- encode ------------------------------------------------------------------------------
 
 ENCODE_MANIFEST = "manifest.json"
+ENCODE_PLAN = "plan.json"
 SHARDS = "shards"
 CLEAN_SHARD = "latents-{:05d}.npy"
 AUG_SHARD = "aug-{:05d}.npy"
@@ -163,8 +164,8 @@ def encode_manifest(run_dir: Path) -> Path:
 
 
 def encode_plan(run_dir: Path) -> Path:
-    """encode/plan.json: the signatures of the shard plans (resume check)."""
-    return step_dir(run_dir, ENCODE) / "plan.json"
+    """encode/plan.json: what the clean and the augmented shards were made from."""
+    return step_dir(run_dir, ENCODE) / ENCODE_PLAN
 
 
 def encode_shards(run_dir: Path) -> Path:

@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from pipeline import run_folder, run_summary
+from pipeline import dag, run_folder, run_summary
 from pipeline.atomic import atomic_write_json
-from pipeline.config import section_hash
 from pipeline.file_lock import file_lock
 from pipeline.schema import Config
 
@@ -393,11 +392,11 @@ def _open_step(cfg: Config, run_dir: Path, step: str, system_metrics: Optional[b
     mlflow, exp_id = setup(cfg)
     parent = ensure_parent_run(cfg, run_dir)
     child_file = Path(run_dir) / step / CHILD_FILE
-    config_key = section_hash(cfg)
+    signature = dag.signature_of(cfg, step.split("/")[0])
     previous = None
-    if child_file.exists():
+    if child_file.exists():   # reopened by the same run resuming the same version
         record = json.loads(child_file.read_text())
-        if record.get("config") == config_key:
+        if record.get("signature") == signature and record.get("parent") == parent:
             previous = record["run_id"]
     sysm = cfg.mlflow.system_metrics if system_metrics is None else system_metrics
     if sysm and step in run_summary.STAGES:
@@ -410,7 +409,7 @@ def _open_step(cfg: Config, run_dir: Path, step: str, system_metrics: Optional[b
         run = mlflow.start_run(log_system_metrics=sysm,
                                **({"run_id": reopen} if reopen else fresh))
         atomic_write_json(child_file, {"run_id": run.info.run_id, "parent": parent,
-                                       "config": config_key})
+                                       "signature": signature})
         return run.info.run_id
 
     def new_run() -> str:

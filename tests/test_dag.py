@@ -40,6 +40,28 @@ def test_signature_changes_only_downstream_of_the_changed_section(tmp_path):
     assert moved == base
 
 
+def test_how_chunk_spreads_its_work_is_not_in_its_signature(tmp_path):
+    base = dag.signatures(make_cfg(tmp_path), ["chunk"])
+    spread = dag.signatures(make_cfg(tmp_path, "data.workers=4", "data.num_shards=3",
+                                     "data.max_failed_share=0.9"), ["chunk"])
+    longer = dag.signatures(make_cfg(tmp_path, "data.chunk_seconds=5"), ["chunk"])
+    assert spread == base and longer["chunk"] != base["chunk"]
+
+
+def test_the_clean_latents_part_leaves_out_augmentation_and_pairs(tmp_path):
+    def sigs(*overrides: str) -> tuple[str, str]:
+        cfg = make_cfg(tmp_path, *overrides)
+        return dag.signature_of(cfg, "encode", "clean"), dag.signature_of(cfg, "encode")
+    clean, whole = sigs()
+    assert clean != whole
+    for other in (["encode.augment.variants=3"], ["pairs.gap=2"]):
+        assert sigs(*other)[0] == clean and sigs(*other)[1] != whole
+    for other in (["encode.shard_size=7"], ["data.chunk_seconds=5"], ["run.seed=9"]):
+        assert sigs(*other)[0] != clean
+    with pytest.raises(dag.DagError, match="no part 'x'"):
+        dag.signature_of(make_cfg(tmp_path), "encode", "x")
+
+
 def test_editing_a_yaml_default_changes_the_signature(tmp_path):
     configs = tmp_path / "configs"
     shutil.copytree(REPO / "configs", configs)

@@ -46,6 +46,20 @@ def test_a_changed_setting_makes_a_new_version_beside_the_old_one(root):
     assert store.linked(root / "a", "pairs") == old_pairs
 
 
+def test_new_augmentation_takes_the_clean_latents_of_the_version_before(root):
+    old = store.linked(root / "a", "encode")
+    res = submit("prepare", root, "c", "encode.augment.variants=2", cluster="local")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "pairs: complete with signature" in res.stderr and "encode: ran as job" in res.stderr
+    new = store.linked(root / "c", "encode")
+    clean = sorted((old / "shards").glob("latents-*.npy"))
+    assert new != old and clean
+    assert all((new / "shards" / p.name).samefile(p) for p in clean)    # linked, not encoded
+    manifest = json.loads((new / "manifest.json").read_text())
+    assert manifest["augment"]["rows"] > 0 and manifest["shards"] == \
+        json.loads((old / "manifest.json").read_text())["shards"]
+
+
 def test_force_builds_a_new_revision_and_keeps_the_old_one(root):
     old = store.linked(root / "b", "encode")
     before = files(old)
