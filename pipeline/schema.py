@@ -202,7 +202,7 @@ class StageConfig:
     anti_cheat_noise: float   # std of noise added to the target view in creative mode
     num_workers: int
     detect_anomaly: bool
-    deterministic: bool
+    deterministic: bool       # deterministic kernels and fixed DDP gradient buckets: exact resumes
     ema_decay: float          # moving average of the generator's weights (0 = off)
     grad_accum_steps: int     # micro-batches per optimizer step (1 = off)
     precision: str            # "bf16", "fp16" (CUDA only) or "fp32"; the CPU runs fp32
