@@ -98,8 +98,8 @@ def wrap_ddp(model: nn.Module, info: distributed.DistInfo, fixed_buckets: bool,
     # resumed job's new DDP spends its first step on the first layout, which the uninterrupted
     # job left behind long ago: 4 ranks ended 1.8e-4 apart after 4 stage-3 epochs (2 ranks:
     # equal; static_graph=True rebuilds as well: still apart). find_unused_parameters=True is
-    # DDP's public way to never rebuild (it keeps the first layout, reverse parameter order in
-    # 1 MB then 25 MB buckets): both jobs then agree bit for bit. It costs a walk of the
+    # DDP's public way to never rebuild (it keeps its first layout: buckets in reverse parameter
+    # order, 1 MB then 25 MB): both jobs then agree bit for bit. It costs a walk of the
     # autograd graph per forward, a small all-reduce of "used" flags per step (0.6-0.9 ms per
     # step on the 17M-parameter generator, CPU) and a one-time warning that no parameter was
     # unused; hence only under `deterministic`, which already trades speed for exactness (GPU
