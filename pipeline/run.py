@@ -100,11 +100,14 @@ def place(cfg: Config, run_dir: Path, step: str, signature: str, num_shards: Opt
     current = store_mod.linked(run_dir, step)
     if keep and current is not None:
         return current
-    version = store_mod.choose(store, step, signature, num_shards, forced)
+    inputs = {u: v.name for u in dag.step(step).upstream
+              if (v := store_mod.linked(run_dir, u)) is not None}
+    version = store_mod.choose(store, step, signature, num_shards, forced, inputs)
     if current is not None and current != version.resolve():
         log(f"{step}: the run now uses version {version} ({'forced; ' if forced else ''}"
             f"the version it used, {current.name}, is kept)")
     store_mod.link(run_dir, step, version)
+    store_mod.record_inputs(version, inputs)
     return version
 
 

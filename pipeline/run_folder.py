@@ -25,6 +25,7 @@ STORE = "store"                     # <run.root>/store/<step>/<version>: shared 
 SWEEPS = "sweeps"                   # <run.root>/sweeps/<name>.json: a sweep's record
 RESERVED = (STORE, SWEEPS)          # names under run.root that are not runs
 CLAIM = "claim.json"                # in a store version: the job that builds it
+INPUTS = "inputs.json"              # in a store version: the upstream versions it reads
 
 
 def sweep_record(root: Path, name: str) -> Path:

@@ -9,7 +9,9 @@ beside the old one, and `python -m pipeline.gc` lists (and, when told, deletes) 
 versions no run links to.
 
 While a version is being built, `claim.json` in it names the job building it, so a second
-run waits on that job instead of building it twice.
+run waits on that job instead of building it twice. `inputs.json` names the upstream
+versions it reads: a forced rerun upstream (`.r2`, same signature, maybe other content)
+gets downstream versions of its own instead of ones built from the old revision.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from pipeline.config import ConfigError
 from pipeline.schema import Config
 
 CLAIM_FILE = run_folder.CLAIM
+INPUTS_FILE = run_folder.INPUTS
 LOCK_FILE = ".build.lock"
 SHORT = 16
 RESERVED = run_folder.RESERVED
@@ -153,15 +156,34 @@ def size_bytes(folder: Path) -> int:
     return total
 
 
+def read_inputs(version: Path) -> Optional[dict]:
+    """The upstream versions a version reads (None: not recorded, a version made before
+    they were)."""
+    try:
+        return json.loads((version / INPUTS_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def record_inputs(version: Path, inputs: dict[str, str]) -> None:
+    """Write `inputs.json` into a version that has none yet."""
+    if read_inputs(version) is None:
+        atomic_write_json(version / INPUTS_FILE, inputs)
+
+
 def choose(store: Path, step: str, signature: str, num_shards: Optional[int],
-           forced: bool) -> Path:
-    """The version a run uses for `signature`: a new revision when forced; else the newest
-    complete one; else the newest one begun (to resume it); else a new one."""
+           forced: bool, inputs: Optional[dict[str, str]] = None) -> Path:
+    """The version a run uses for `signature`: a new revision when forced; else, among the
+    versions that read the same upstream versions (`inputs`; None: any), the newest
+    complete one, else the newest one begun (to resume it); else a new one."""
     from pipeline.state import folder_complete
-    have = versions(store, step, signature)
+    every = versions(store, step, signature)
     if forced:
         return next_version(store, step, signature)
+    have = [v for v in every if inputs is None or read_inputs(v) in (None, inputs)]
     done = [v for v in have if folder_complete(v, signature, num_shards)]
     if done:
         return done[-1]
-    return have[-1] if have else store / step / version_name(signature)
+    if have:
+        return have[-1]
+    return next_version(store, step, signature)

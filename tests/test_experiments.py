@@ -117,3 +117,21 @@ def test_gc_lists_the_versions_no_run_uses(root):
     # replaced b's first stride-2 encode: that one is unused now
     assert "encode/" in listed and "delete them with" in listed
     assert store.linked(root / "a", "pairs").name not in listed
+
+
+def test_a_forced_upstream_revision_gets_downstream_versions_of_its_own(root):
+    """A forced chunk rerun (same signature, maybe new files) is read only by steps built
+    from it: a later run does not pair it with a stage 1 trained on the old chunks."""
+    res = submit("prepare", root, "d", "--force", "chunk", cluster="local")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert store.linked(root / "d", "chunk").name.endswith(".r2")
+    res = submit("stage1", root, "e", "stage1.epochs=2", cluster="local")
+    assert res.returncode == 0, res.stderr[-3000:]
+    for step in DATA_STEPS:
+        assert store.linked(root / "e", step) == store.linked(root / "d", step)
+    assert "stage1: ran as job" in res.stderr
+    new = store.linked(root / "e", "stage1")
+    old = new.with_name(new.name.removesuffix(".r2"))     # run a's first stage 1 (then continued)
+    assert new.name.endswith(".r2") and old.is_dir()
+    assert store.read_inputs(new) == {"encode": store.linked(root / "d", "encode").name}
+    assert store.read_inputs(old) == {"encode": store.linked(root / "a", "encode").name}

@@ -32,6 +32,20 @@ def test_a_new_signature_gets_its_own_folder_and_the_newest_complete_one_is_chos
     assert store.choose(s, "encode", "cd" * 32, None, forced=False).name == ("cd" * 32)[:16]
 
 
+def test_a_version_is_chosen_only_for_the_upstream_versions_it_reads(tmp_path):
+    s = tmp_path / "store"
+    legacy = store.choose(s, "stage1", SIG, None, forced=False, inputs={"encode": "e1"})
+    complete(legacy)                           # no inputs.json: made before they were recorded
+    assert store.choose(s, "stage1", SIG, None, False, {"encode": "e1.r2"}) == legacy
+    store.record_inputs(legacy, {"encode": "e1"})
+    store.record_inputs(legacy, {"encode": "other"})          # written once, never changed
+    assert store.read_inputs(legacy) == {"encode": "e1"}
+    assert store.choose(s, "stage1", SIG, None, False, {"encode": "e1"}) == legacy
+    other = store.choose(s, "stage1", SIG, None, False, {"encode": "e1.r2"})
+    assert other.name == SIG[:16] + ".r2"
+    assert store.choose(s, "stage1", SIG, None, False, None) == legacy
+
+
 def test_link_points_the_run_at_a_version_relatively_and_refuses_to_replace_a_file(tmp_path):
     version = tmp_path / "runs" / "store" / "pairs" / SIG[:16]
     run = tmp_path / "runs" / "a"
