@@ -5,9 +5,10 @@ up front; a shard file exists only once it is whole (memmap into a temp file, th
 so a re-run after a kill encodes only the missing shards. plan.json keys the shards by the
 step's signature (augmented shards) and by its clean part's (pipeline/dag.py PARTS), so a
 new version of the step that differs only in augmentation or pairs takes the clean shards
-of an earlier one (hard links) instead of encoding them again. With encode.augment.variants = K > 0, each chunk of
-each TRAIN song (from pairs/train.jsonl) also gets up to K augmented variants
-(data_prep.augment.make_variants) in separate `aug-*.npy` shards; validation songs never do.
+of an earlier one (hard links) instead of encoding them again.
+With encode.augment.variants = K > 0, each chunk of each TRAIN song (from pairs/train.jsonl)
+also gets up to K augmented variants (data_prep.augment.make_variants) in separate
+`aug-*.npy` shards; validation songs never do.
 Variants keep the chunk length (checked again here) so every row has T frames.
 """
 from __future__ import annotations
@@ -130,10 +131,7 @@ def take_clean_shards(out: Path, key: str) -> int:
     here = out.resolve()
     taken = 0
     for other in sorted(p for p in here.parent.iterdir() if p.is_dir() and p != here):
-        try:
-            if json.loads((other / rf.ENCODE_PLAN).read_text()).get("clean") != key:
-                continue
-        except (OSError, ValueError):
+        if (rf.read_json(other / rf.ENCODE_PLAN) or {}).get("clean") != key:
             continue
         for src in sorted((other / rf.SHARDS).glob(rf.SHARD_PREFIXES["clean"] + "*.npy")):
             dst = here / rf.SHARDS / src.name

@@ -217,10 +217,12 @@ def default_checkpoint(run_dir: Path, configured: str = "") -> Path:
     return Path(configured) if configured else stage_file(run_dir, STAGES[-1], LAST)
 
 
-def _read_json(path: Path) -> Optional[dict]:
+def read_json(path: Path) -> Optional[dict]:
+    """A small JSON record of the run folder or store; None when it is missing, unreadable
+    or half written."""
     try:
         return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError):
         return None
 
 
@@ -231,12 +233,12 @@ def node_record(run_dir: Path, stage: str, node_rank: int) -> Path:
 
 def read_gate(run_dir: Path, stage: str) -> Optional[dict]:
     """A stage's gate.json, or None when missing or unreadable."""
-    return _read_json(stage_file(run_dir, stage, GATE))
+    return read_json(stage_file(run_dir, stage, GATE))
 
 
 def read_exit(run_dir: Path, stage: str) -> Optional[dict]:
     """A stage's exit.json, or None when missing or unreadable."""
-    return _read_json(stage_file(run_dir, stage, EXIT))
+    return read_json(stage_file(run_dir, stage, EXIT))
 
 
 # --- audit, generate, evaluate -----------------------------------------------------------

@@ -110,10 +110,8 @@ def write_marker(run_dir: Path, step: str, state: str, signature: str,
 
 
 def read_marker(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):   # missing, or a stray file where the folder goes
-        return None
+    """A step marker; None when missing (or a stray file where the folder goes)."""
+    return run_folder.read_json(path)
 
 
 def markers(run_dir: Path, step: str, num_shards: Optional[int] = None) -> list[Optional[dict]]:

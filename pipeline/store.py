@@ -15,7 +15,6 @@ gets downstream versions of its own instead of ones built from the old revision.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -103,10 +102,7 @@ def adopt(run_dir: Path, step: str, store: Path, signature_of: Optional[str]) ->
 
 
 def read_claim(version: Path) -> Optional[dict]:
-    try:
-        return json.loads((version / CLAIM_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    return run_folder.read_json(version / CLAIM_FILE)
 
 
 def write_claim(version: Path, job_id: str, cluster: str, run_dir: Path) -> None:
@@ -159,10 +155,7 @@ def size_bytes(folder: Path) -> int:
 def read_inputs(version: Path) -> Optional[dict]:
     """The upstream versions a version reads (None: not recorded, a version made before
     they were)."""
-    try:
-        return json.loads((version / INPUTS_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    return run_folder.read_json(version / INPUTS_FILE)
 
 
 def record_inputs(version: Path, inputs: dict[str, str]) -> None:
