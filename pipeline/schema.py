@@ -234,6 +234,7 @@ class EvaluateConfig:
     checkpoint: str           # "" = the run's stage3 last.pt (run_folder.default_checkpoint)
     fft_size: int             # STFT size for spectral flatness
     use_ema: bool             # the generator's EMA weights when the checkpoint has them
+    picks: int                # seeded picks of clips; figures are the mean (and spread) over them
 
 
 @dataclass
