@@ -1,0 +1,66 @@
+"""Parameter-free continuations of a latent chunk that know about musical structure: the
+input's own best period tiled on, and its last bar repeated. Pure functions on [B, C, T].
+
+Both continue the input by tiling a stretch of its end: pred[t] = x[T - P + (t mod P)] for
+a period P per sample. `period_continuation` picks P by the input's autocorrelation,
+`last_bar_continuation` uses a fixed bar length.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Guards the normalisation of an autocorrelation when a stretch is all zeros.
+EPS = 1e-12
+
+
+def period_range(frames: int, frame_rate: float, min_period_s: float) -> tuple[int, int]:
+    """Periods searched, in frames: from `min_period_s` to half the input (at least 1..1)."""
+    hi = max(1, frames // 2)
+    lo = min(hi, max(1, int(min_period_s * frame_rate)))
+    return lo, hi
+
+
+def autocorrelation(x: Tensor, lo: int, hi: int) -> Tensor:
+    """[B, hi - lo + 1]: for each lag P in lo..hi, the normalised correlation between the
+    input and itself shifted by P, over channels and the overlapping frames, after each
+    channel's time mean is removed (1 for an input that repeats exactly every P frames)."""
+    frames = x.shape[-1]
+    if not 1 <= lo <= hi < frames:
+        raise ValueError(f"lags {lo}..{hi} do not fit an input of {frames} frames")
+    x = x.double()
+    x = x - x.mean(dim=-1, keepdim=True)
+    out = []
+    for lag in range(lo, hi + 1):
+        a, b = x[..., :frames - lag], x[..., lag:]
+        num = (a * b).sum(dim=(1, 2))
+        den = (a.pow(2).sum(dim=(1, 2)) * b.pow(2).sum(dim=(1, 2))).sqrt()
+        out.append(num / (den + EPS))
+    return torch.stack(out, dim=1)
+
+
+def best_period(x: Tensor, lo: int, hi: int) -> Tensor:
+    """[B] int64: the lag in lo..hi with the highest autocorrelation (the shortest on a tie)."""
+    return autocorrelation(x, lo, hi).argmax(dim=1) + lo
+
+
+def tile_end(x: Tensor, period: Tensor | int, frames: int) -> Tensor:
+    """[B, C, frames]: the input's last `period` frames (per sample) tiled on:
+    pred[t] = x[T - P + (t mod P)]."""
+    batch, channels, length = x.shape
+    period = torch.as_tensor(period, dtype=torch.int64, device=x.device).expand(batch)
+    if bool((period < 1).any()) or bool((period > length).any()):
+        raise ValueError(f"periods must be in 1..{length}, got {period.tolist()}")
+    t = torch.arange(frames, device=x.device).unsqueeze(0)           # [1, frames]
+    index = length - period.unsqueeze(1) + t % period.unsqueeze(1)   # [B, frames]
+    return x.gather(2, index.unsqueeze(1).expand(batch, channels, frames))
+
+
+def period_continuation(x: Tensor, lo: int, hi: int, frames: int) -> Tensor:
+    """The input continued with its own best period (autocorrelation over lags lo..hi)."""
+    return tile_end(x, best_period(x, lo, hi), frames)
+
+
+def last_bar_continuation(x: Tensor, bar: int, frames: int) -> Tensor:
+    """The input's last `bar` frames repeated (the bar before, again and again)."""
+    return tile_end(x, bar, frames)
