@@ -2,7 +2,7 @@
 
 libsndfile (through soundfile) reads mp3, wav, flac and ogg in blocks; ffmpeg, streaming
 raw samples through a pipe, is the fallback for what libsndfile cannot read (m4a, aac,
-and damaged files: ffmpeg resynchronises past garbage, libsndfile gives up there).
+and damaged files: ffmpeg resynchronises past garbage, where libsndfile fails or stops).
 Resampling uses soxr's streaming resampler, so memory stays flat with file length.
 """
 from __future__ import annotations
@@ -240,13 +240,22 @@ def _resample(stream: soxr.ResampleStream, data: np.ndarray, last: bool) -> np.n
 T = TypeVar("T")
 
 
-def _counted(blocks: Iterator[np.ndarray], count: dict) -> Iterator[np.ndarray]:
-    """Pass blocks on, counting their samples; count["done"] says the stream ran to its end."""
+class EndedEarly(Exception):
+    """A decode that ended well short of its header's length; raised from the blocks before
+    the consumer sees their end, so none of its rules (too short, silent) judges the part."""
+
+
+def _counted(blocks: Iterator[np.ndarray], count: dict,
+             at_least: Optional[int] = None) -> Iterator[np.ndarray]:
+    """Pass blocks on, counting their samples; count["done"] says the stream ran to its end.
+    A stream that ends with fewer than `at_least` samples raises EndedEarly there."""
     count.update(samples=0, done=False)
     for data in blocks:
         count["samples"] += data.shape[1]
         yield data
     count["done"] = True
+    if at_least is not None and count["samples"] < at_least:
+        raise EndedEarly()
 
 
 SHORT_S = 0.5  # a libsndfile decode this much shorter than its header's length ended early
@@ -255,40 +264,48 @@ SHORT_S = 0.5  # a libsndfile decode this much shorter than its header's length 
 def decode_recovering(info: AudioInfo, consume: Callable[[Iterator[np.ndarray]], T],
                       sample_rate: int, channels: int,
                       block_seconds: float) -> tuple[T, Optional[Recovery]]:
-    """consume(the file's blocks); if libsndfile fails or ends early, consume again from the
-    start through ffmpeg, which resynchronises past damage. Returns consume's result and what
-    was lost (None: a clean decode). consume must start over cleanly (write atomically)."""
+    """consume(the file's blocks); if libsndfile fails, or its blocks end more than SHORT_S
+    before its header's length (with or without an error), consume again from the start
+    through ffmpeg, which resynchronises past damage. The early end is raised inside the
+    blocks (EndedEarly), so consume never judges the short part: it must let exceptions from
+    the blocks through and start over cleanly (write atomically). Returns consume's result
+    and what was lost (None: a clean decode)."""
     count: dict = {}
+    has_ffmpeg = shutil.which("ffmpeg") is not None
 
-    def run(info: AudioInfo, log: Optional[dict] = None) -> T:
+    def run(info: AudioInfo, log: Optional[dict] = None, at_least: Optional[int] = None) -> T:
         return consume(_counted(iter_blocks(info.path, sample_rate, channels, block_seconds,
-                                            info, log), count))
+                                            info, log), count, at_least))
 
     if info.backend != "soundfile":
         return _ffmpeg_pass(info, run, count, sample_rate, info.sndfile_error, None)
+    at_least = int((info.duration_s - SHORT_S) * sample_rate) if has_ffmpeg else None
     try:
-        result = run(info)
+        result = run(info, at_least=at_least)
     except DecodeError as exc:
         stopped_s = count.get("samples", 0) / sample_rate
         cause = f"libsndfile: {str(exc).removeprefix('decode error: ')}"
-        if shutil.which("ffmpeg") is None:
+        if not has_ffmpeg:
             raise DecodeError(f"decode error: at {stopped_s:.1f} s: {cause} (ffmpeg, which "
                               "could decode the rest, is not installed)") from None
         return _ffmpeg_pass(replace(info, backend="ffmpeg"), run, count, sample_rate, cause,
                             stopped_s)
-    stopped_s = count["samples"] / sample_rate
-    short_s = info.duration_s - stopped_s if count["done"] else 0.0
+    except EndedEarly:
+        stopped_s = count["samples"] / sample_rate
+        short_s = info.duration_s - stopped_s
+        cause = f"libsndfile ended {short_s:.1f} s before its header's length"
+        try:
+            return _ffmpeg_pass(replace(info, backend="ffmpeg"), run, count, sample_rate,
+                                cause, stopped_s)
+        except DecodeError as exc:  # ffmpeg does no better: libsndfile's part, judged as it is
+            return run(info), Recovery(short_s, stopped_s, "libsndfile",
+                                       str(exc).removeprefix("decode error: "))
+    short_s = info.duration_s - count["samples"] / sample_rate if count["done"] else 0.0
     if short_s <= SHORT_S:
         return result, None
-    cause = f"libsndfile ended {short_s:.1f} s before its header's length"
-    try:
-        if shutil.which("ffmpeg") is None:
-            raise DecodeError(f"ffmpeg is not installed; {cause}")
-        return _ffmpeg_pass(replace(info, backend="ffmpeg"), run, count, sample_rate, cause,
-                            stopped_s)
-    except DecodeError as exc:  # libsndfile's result stays (consume writes atomically)
-        return result, Recovery(short_s, stopped_s, "libsndfile",
-                                str(exc).removeprefix("decode error: "))
+    return result, Recovery(short_s, count["samples"] / sample_rate, "libsndfile",
+                            f"ffmpeg is not installed; libsndfile ended {short_s:.1f} s "
+                            "before its header's length")
 
 
 def _ffmpeg_pass(info: AudioInfo, run: Callable[..., T], count: dict, sample_rate: int,
