@@ -62,21 +62,26 @@ def reason_kind(reason: str) -> str:
 def count_records(records: list[dict]) -> dict:
     """Files ok/skipped/failed, reasons, hours of audio and chunks of a list of records."""
     out = {"files": len(records), "ok": 0, "skipped": 0, "failed": 0, "recovered": 0,
-           "chunks": 0, "audio_hours": 0.0, "reasons": {}, "problems": []}
+           "lost_s": 0.0, "lost_unmeasured": 0, "chunks": 0, "audio_hours": 0.0,
+           "reasons": {}, "problems": []}
     for rec in records:
         out[rec["status"]] += 1
         if rec["status"] == "ok":
             out["chunks"] += rec["chunks"]
             out["audio_hours"] += rec["duration_s"] / 3600
             if rec.get("recovered"):   # usable, but part of it was lost: the user should know
+                lost = rec["recovered"].get("lost_s")
                 out["recovered"] += 1
+                out["lost_s"] += lost or 0.0
+                out["lost_unmeasured"] += lost is None
                 out["problems"].append({"source": rec["source"], "status": "recovered",
-                                        "reason": rec["reason"]})
+                                        "reason": rec["reason"], "lost_s": lost})
         else:
             kind = f"{rec['status']}: {reason_kind(rec['reason'])}"
             out["reasons"][kind] = out["reasons"].get(kind, 0) + 1
             out["problems"].append({k: rec[k] for k in ("source", "status", "reason")})
     out["audio_hours"] = round(out["audio_hours"], 6)
+    out["lost_s"] = round(out["lost_s"], 2)
     return out
 
 
@@ -87,10 +92,15 @@ def summarize(run_dir: Path) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    """A few human lines: counts, hours, chunks, and each problem file with its reason."""
+    """A few human lines: counts, hours, chunks, audio lost in recovered songs, and each
+    problem file with its reason (a recovered one: the seconds lost and where)."""
+    lost = f"{summary.get('lost_s', 0.0):.1f} s lost"
+    if summary.get("lost_unmeasured"):
+        lost += f", {summary['lost_unmeasured']} not measured"
     lines = [f"files: {summary['files']}  ok: {summary['ok']}  skipped: {summary['skipped']}  "
-             f"failed: {summary['failed']}  recovered: {summary.get('recovered', 0)}  "
+             f"failed: {summary['failed']}  recovered: {summary.get('recovered', 0)} ({lost})  "
              f"audio: {summary['audio_hours']:.3f} h  "
              f"chunks: {summary['chunks']}"]
-    lines += [f"  {p['status']}: {p['source']}: {p['reason']}" for p in summary["problems"]]
+    lines += [f"  {p['status']}: {p['source']}: {p['reason'].removeprefix('recovered: ')}"
+              for p in summary["problems"]]
     return "\n".join(lines)

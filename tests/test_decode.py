@@ -194,7 +194,10 @@ def test_the_chunk_summary_counts_and_lists_recovered_songs(damaged, tmp_path):
     rec, _ = process_file((path, path.name, spec, tmp_path, None))
     summary = count_records([rec])
     assert summary["ok"] == summary["recovered"] == 1 and summary["failed"] == 0
+    lost = rec["recovered"]["lost_s"]
     assert summary["problems"] == [{"source": rec["source"], "status": "recovered",
-                                    "reason": rec["reason"]}]
+                                    "reason": rec["reason"], "lost_s": lost}]
+    assert summary["lost_s"] == lost > 0
     text = format_summary(summary)
-    assert "recovered: 1" in text and f"recovered: {path}: recovered: " in text
+    assert f"recovered: 1 ({lost:.1f} s lost)" in text
+    assert f"recovered: {path}: {lost:.1f} s lost at " in text
