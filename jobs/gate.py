@@ -8,7 +8,10 @@ the trivial baselines. Each rule that the stage's `gate` section switches on mus
   `max_val_loss` (off at 0 / null: a fast learner makes little progress after epoch 1);
 - margin (stage 1, `beat_baselines`): 1 - best / min(baselines) >= `min_margin`, against
   the BEST trivial baseline (repeat the start chunk, the mean latent, the start chunk's
-  time-averaged spectrum);
+  time-averaged spectrum, the input's best period tiled on, its last bar repeated);
+- order (stage 1, `min_order_gain`): the best weights fed each val input with its frames
+  permuted in time score at least `min_order_gain` worse than with the real order
+  (order_probe.json's order_gain = permuted / ordered - 1): the model uses temporal order;
 - posterior collapse (`kl_floor_tolerance`): every VAE level's raw validation KL
   (val_kl_level_<i>) at or below stage.kl.free_bits + tolerance;
 - D collapse (`min_d_loss`): the train D loss below the floor (far below ln 2);
@@ -17,6 +20,9 @@ the trivial baselines. Each rule that the stage's `gate` section switches on mus
 
 A collapse rule fails when its condition holds in each of the last `last_epochs` epochs
 after D pre-training; with fewer such epochs it is not judged (and gate.json says so).
+
+`on_fail` says what a failed gate does: "stop" (the trainer exits 3 and the chain stops)
+or "warn" (gate.json has passed false and warned true; the stage ends OK).
 """
 from __future__ import annotations
 
@@ -95,6 +101,26 @@ def _margin(gate: GateConfig, best: float, baselines: Optional[dict[str, float]]
     return _check("margin", False, f"{text}; {needed}" if margin >= 0 else
                   f"best val loss {best:.5g} is not below the best trivial baseline "
                   f"{name} {value:.5g} ({-margin:.1%} above it)")
+
+
+def _order(gate: GateConfig, probe: Optional[dict], numbers: dict) -> Optional[dict]:
+    """Stage 1: the val loss with each input's frames permuted over the val loss with the
+    real order, minus 1, at least `min_order_gain` (order_probe.json)."""
+    if gate.min_order_gain is None:
+        return None
+    if not probe:
+        return _check("order", True, "no order probe (creative mode); order not judged")
+    gain = float(probe.get("order_gain", math.nan))
+    numbers.update(order_gain=gain, min_order_gain=gate.min_order_gain)
+    change = (f"{abs(gain):.1%} {'worse' if gain >= 0 else 'better'}" if math.isfinite(gain)
+              else "not comparable")
+    text = (f"with its input frames permuted in time the val loss is {change} "
+            f"({probe.get('val_loss_permuted', math.nan):.5g} vs "
+            f"{probe.get('val_loss', math.nan):.5g} in order)")
+    if gain >= gate.min_order_gain:   # NaN fails
+        return _check("order", True, f"{text} (needed {gate.min_order_gain:.1%} worse)")
+    return _check("order", False, f"{text}; needed at least {gate.min_order_gain:.1%} worse: "
+                  "the model makes little use of the input's temporal order")
 
 
 def _window(gate: GateConfig, history: list[dict], d_pretrain_epochs: int) -> list[dict]:
@@ -178,9 +204,21 @@ def _mode_collapse(gate: GateConfig, window: list[dict]) -> Optional[dict]:
 
 def evaluate_gate(gate: GateConfig, history: list[dict],
                   baselines: Optional[dict[str, float]] = None,
-                  free_bits: Optional[float] = None, d_pretrain_epochs: int = 0) -> dict:
-    """gate.json (passed, reason, checks, numbers) from the per-epoch metrics (epoch 1 first),
-    the trivial baselines (stage 1), the stage's kl.free_bits and gan.d_pretrain_epochs."""
+                  free_bits: Optional[float] = None, d_pretrain_epochs: int = 0,
+                  order_probe: Optional[dict] = None) -> dict:
+    """gate.json (passed, warned, on_fail, reason, checks, numbers) from the per-epoch
+    metrics (epoch 1 first), the trivial baselines and order probe (stage 1), the stage's
+    kl.free_bits and gan.d_pretrain_epochs."""
+    result = _judge(gate, history, baselines, free_bits, d_pretrain_epochs, order_probe)
+    result["on_fail"] = gate.on_fail
+    result["warned"] = not result["passed"] and gate.on_fail == "warn"
+    return result
+
+
+def _judge(gate: GateConfig, history: list[dict], baselines: Optional[dict[str, float]],
+           free_bits: Optional[float], d_pretrain_epochs: int,
+           order_probe: Optional[dict]) -> dict:
+    """Every rule switched on: passed, reason, checks and the numbers they read."""
     val = [float(h.get("val_loss", math.nan)) for h in history]
     numbers = {"epochs": len(val), "first": val[0] if val else None,
                "last": val[-1] if val else None, "min_improvement": gate.min_improvement,
@@ -201,6 +239,7 @@ def evaluate_gate(gate: GateConfig, history: list[dict],
     window = _window(gate, history, d_pretrain_epochs)
     checks = [c for c in (_progress(gate, best, first, improvement),
                           _margin(gate, best, baselines, numbers),
+                          _order(gate, order_probe, numbers),
                           _posterior(gate, window, free_bits),
                           _d_collapse(gate, window),
                           _mode_collapse(gate, window)) if c is not None]

@@ -109,13 +109,14 @@ def resume(ctx: Context, state: dict) -> Progress:
 
 
 def transfer_from_previous(ctx: Context) -> dict:
-    """Start from the previous stage's best.pt (stage1 starts fresh); return the report."""
+    """Start from the previous stage's best.pt (stage1 starts fresh; a previous gate that
+    failed stops this one unless it only warned, gate.on_fail "warn"); return the report."""
     index = STAGES.index(ctx.stage)
     if index == 0:
         return {"source": None, "note": "stage1 starts from freshly initialised weights"}
     source = rf.stage_file(ctx.run_dir, STAGES[index - 1], rf.BEST)
     gate = rf.read_gate(ctx.run_dir, STAGES[index - 1])
-    if gate is not None and not gate.get("passed", False):
+    if gate is not None and not gate.get("passed", False) and not gate.get("warned", False):
         raise BadInput(f"{STAGES[index - 1]} did not pass its validation gate "
                        f"({gate.get('reason')}); not starting {ctx.stage}")
     if not source.exists():

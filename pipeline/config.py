@@ -59,6 +59,7 @@ CHOICES = {
     "stage*.gan.feature_matching_mode": {"paired", "batch"},
     "pairs.target": {"next", "same"},
     "stage*.curriculum.noise": {"sample_std", "data"},
+    "stage*.gate.on_fail": {"stop", "warn"},
 }
 POSITIVE = {
     "data.sample_rate", "data.chunk_seconds", "data.block_seconds", "data.num_shards",
@@ -66,6 +67,7 @@ POSITIVE = {
     "encode.bandwidth", "stage*.epochs", "stage*.batch_size", "stage*.lr",
     "stage*.checkpoint_every", "model.transformer.d_model", "model.transformer.layers",
     "model.transformer.heads", "audit.batch_size", "generate.n", "generate.temperature",
+    "stage*.baselines.min_period_s", "stage*.baselines.bar_s",
 }
 NON_NEGATIVE = {
     "data.min_seconds", "data.max_chunks_per_song", "pairs.gap", "encode.augment.variants",

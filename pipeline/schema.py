@@ -183,6 +183,18 @@ class GateConfig:
     kl_floor_tolerance: Optional[float]  # posterior: every level's val KL <= free_bits + this
     min_d_loss: Optional[float]          # D collapse: train D loss below this
     min_diversity_ratio: Optional[float]  # mode collapse: val_diversity_ratio below this
+    # The two below have defaults only so that configs recorded before they existed (old run
+    # folders, checkpoints) still load; the stage files set them.
+    min_order_gain: Optional[float] = None  # stage 1: permuting the input's frames must raise
+                                            # the val loss by this share (order_probe.json)
+    on_fail: str = "stop"     # a failed gate: "stop" (exit 3, the chain stops) or "warn"
+                              # (gate.json says so, the stage ends OK and the chain goes on)
+
+
+@dataclass
+class BaselineConfig:
+    min_period_s: float       # `period` baseline: shortest period searched (longest: half the chunk)
+    bar_s: float              # `last_bar` baseline: the input's last this-many seconds repeated
 
 
 @dataclass
@@ -214,6 +226,9 @@ class StageConfig:
     gan: Optional[GanConfig]
     curriculum: CurriculumConfig
     gate: GateConfig
+    # stage 1's structure-aware trivial baselines (jobs/validation.py); null/absent in stages
+    # that compute none
+    baselines: Optional[BaselineConfig] = None
 
 
 @dataclass

@@ -77,11 +77,13 @@ def latest_metric(run_dir: Path, step: str) -> str:
 
 
 def gate_note(run_dir: Path, step: str) -> str:
-    """"validation gate failed: <reason>" from a training step's gate.json, else ""."""
+    """"validation gate failed: <reason>" (or "gate missed (warned): <reason>" when its
+    on_fail only warned) from a training step's gate.json, else ""."""
     gate = rf.read_gate(run_dir, step) if step in dag.TRAIN_STEPS else None
-    if gate is None:
+    if gate is None or gate.get("passed", True):
         return ""
-    return "" if gate.get("passed", True) else f"validation gate failed: {gate.get('reason', '')}"
+    what = "gate missed (warned)" if gate.get("warned") else "validation gate failed"
+    return f"{what}: {gate.get('reason', '')}"
 
 
 def step_rows(run_dir: Path) -> list[dict]:
@@ -120,8 +122,8 @@ def step_rows(run_dir: Path) -> list[dict]:
         reasons = [m.get("reason", "") for m in marks if m.get("reason")]
         if st not in LIVE_STATES and reasons:
             note = reasons[0]
-        if st in ("FAILED", "LOST") and not note:   # e.g. a launcher that died before its marker
-            note = gate_note(run_dir, name)
+        if st in ("FAILED", "LOST", "COMPLETED") and not note:   # FAILED/LOST: e.g. a launcher
+            note = gate_note(run_dir, name)   # that died before its marker; COMPLETED: a warned gate
         if st == "RUNNING" and job not in live:   # the marker says running; does it?
             why = executor.lost(run_dir, name, entry, job, live)
             if why:

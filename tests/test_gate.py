@@ -1,6 +1,6 @@
 """The validation gate: each rule on a synthetic per-epoch metrics history (as metrics.jsonl
-holds it), the shipped defaults on a collapsed and a healthy run, and the reason reaching
-`pipeline.status`."""
+holds it), the shipped defaults on a collapsed and a healthy run, warn versus stop, and the
+reason reaching `pipeline.status`."""
 from __future__ import annotations
 
 import dataclasses
@@ -95,6 +95,75 @@ def test_stage1_margin_is_measured_against_the_best_baseline():
     # no baselines (creative mode): the rule is not applied, and gate.json says so
     res = evaluate_gate(g, history([1.0, 0.95]))
     assert res["passed"] and "no trivial baselines" in res["reason"]
+
+
+def test_stage1_margin_is_over_the_structure_aware_baselines_too():
+    # the issue's corpus: stage 1 3.052, start_mean 3.126, the input's period tiled 2.697
+    base = {"val_baseline_repeat": 4.1, "val_baseline_mean": 3.4,
+            "val_baseline_start_mean": 3.126, "val_baseline_period": 2.697,
+            "val_baseline_last_bar": 2.9}
+    g = gate_cfg(beat_baselines=True, min_margin=0.05)
+    res = evaluate_gate(g, history([3.3, 3.052]), base)
+    assert not res["passed"] and res["best_baseline"] == "val_baseline_period"
+    assert "not below the best trivial baseline val_baseline_period 2.697" in res["reason"]
+    assert res["margin"] == pytest.approx(1 - 3.052 / 2.697)
+    without = {k: v for k, v in base.items() if k not in ("val_baseline_period",
+                                                          "val_baseline_last_bar")}
+    assert evaluate_gate(gate_cfg(beat_baselines=True), history([3.3, 3.052]), without)["passed"]
+    res = evaluate_gate(g, history([3.3, 2.5]), base)                 # 7.3% below 2.697
+    assert res["passed"] and "val_baseline_period" in res["reason"]
+
+
+# --- stage 1: the order probe --------------------------------------------------------------
+
+def probe(ordered: float, permuted: float) -> dict:
+    return {"val_loss": ordered, "val_loss_permuted": permuted,
+            "order_gain": permuted / ordered - 1.0}
+
+
+def test_order_rule_needs_the_permuted_input_to_score_worse():
+    g = gate_cfg(min_order_gain=0.03)
+    h = history([1.0, 0.9])
+    res = evaluate_gate(g, h, order_probe=probe(3.052, 3.041))     # the issue: better permuted
+    assert not res["passed"] and res["order_gain"] == pytest.approx(3.041 / 3.052 - 1)
+    assert "permuted in time the val loss is 0.4% better" in res["reason"]
+    assert "needed at least 3.0% worse" in res["reason"]
+    res = evaluate_gate(g, h, order_probe=probe(3.0, 3.06))        # 2% worse: not enough
+    assert not res["passed"] and "2.0% worse" in res["reason"]
+    res = evaluate_gate(g, h, order_probe=probe(3.0, 3.3))         # 10% worse
+    assert res["passed"] and "10.0% worse" in res["reason"]
+    nan = {"val_loss": 3.0, "val_loss_permuted": math.nan, "order_gain": math.nan}
+    assert not evaluate_gate(g, h, order_probe=nan)["passed"]
+    res = evaluate_gate(g, h)                                       # creative: no probe
+    assert res["passed"] and "order not judged" in res["reason"]
+    off = evaluate_gate(gate_cfg(), h, order_probe=probe(3.0, 2.0))
+    assert off["passed"] and all(c["rule"] != "order" for c in off["checks"])
+
+
+# --- on_fail: stop or warn ------------------------------------------------------------------
+
+def test_on_fail_warn_marks_a_failed_gate_warned_and_stop_does_not():
+    h, p = history([1.0, 0.9]), probe(3.0, 3.0)
+    stop = evaluate_gate(gate_cfg(min_order_gain=0.03), h, order_probe=p)
+    assert not stop["passed"] and stop["warned"] is False and stop["on_fail"] == "stop"
+    warn = evaluate_gate(gate_cfg(min_order_gain=0.03, on_fail="warn"), h, order_probe=p)
+    assert not warn["passed"] and warn["warned"] is True and warn["on_fail"] == "warn"
+    assert warn["reason"] == stop["reason"]
+    ok = evaluate_gate(gate_cfg(on_fail="warn"), h)
+    assert ok["passed"] and ok["warned"] is False
+    json.dumps(warn)
+
+
+def test_demo_and_its_experiments_warn_and_the_cluster_default_stops():
+    for name in ("demo", "aurl", "musicvae", "musigan", "powermuse"):
+        cfg = config.load(name, "slurm")
+        assert [getattr(cfg, s).gate.on_fail for s in ("stage1", "stage2", "stage3")] == \
+            ["warn"] * 3, name
+    default = config.load(None, "slurm")
+    assert [getattr(default, s).gate.on_fail for s in ("stage1", "stage2", "stage3")] == \
+        ["stop"] * 3
+    with pytest.raises(config.ConfigError, match="on_fail"):
+        config.load(None, "local", ["stage2.gate.on_fail=wran"])
 
 
 # --- stage 2: posterior collapse ---------------------------------------------------------
@@ -200,6 +269,14 @@ def test_shipped_defaults_for_stages_1_and_2(shipped):
     assert evaluate_gate(s1.gate, fast, base)["passed"]
     worse = history([3.5, 3.1, 3.05])                      # beats the mean, not start_mean
     assert not evaluate_gate(s1.gate, worse, base)["passed"]
+    close = history([3.5, 3.0, 2.9])                        # 3.3% below start_mean: under 5%
+    res = evaluate_gate(s1.gate, close, base)
+    assert not res["passed"] and "needed 5.0%" in res["reason"]
+    assert s1.gate.on_fail == "stop" and not res["warned"]
+    # the order probe: at least 3% worse with the input's frames permuted
+    assert not evaluate_gate(s1.gate, fast, base, order_probe=probe(2.498, 2.52))["passed"]
+    assert evaluate_gate(s1.gate, fast, base, order_probe=probe(2.498, 2.8))["passed"]
+    assert s2.gate.min_order_gain is None and s2.baselines is None
     fb = s2.kl.free_bits
     collapsed = kl_history([[1.0] * LEVELS] * 3 + [[fb * 0.5] * LEVELS] * 5)
     assert not evaluate_gate(s2.gate, collapsed, free_bits=fb)["passed"]
@@ -257,7 +334,18 @@ def test_status_shows_the_gate_reason_of_a_failed_stage(tmp_path):
     atomic_write_json(run_dir / "evaluate" / "metrics.json",
                       {"checkpoint": "x", "epoch": 20, "metrics": figures})
     state.write_marker(run_dir, "evaluate", state.COMPLETED, "sig")
+    # stage 2 missed its gate with on_fail warn: COMPLETED, and the note says it plainly
+    missed = "posterior collapse: every VAE level's val KL is at or below the free-bits floor"
+    atomic_write_json(run_dir / "stage2" / "gate.json",
+                      {"passed": False, "warned": True, "on_fail": "warn", "reason": missed})
+    state.write_marker(run_dir, "stage2", state.COMPLETED, "sig")
+    data = json.loads((run_dir / state.STATE_FILE).read_text())
+    data["steps"]["stage2"] = {"job_id": "", "signature": "sig", "state": "COMPLETED"}
+    atomic_write_json(run_dir / state.STATE_FILE, data)
     rows = {r["step"]: r for r in status.step_rows(run_dir)}
+    assert rows["stage2"]["state"] == "COMPLETED"
+    assert rows["stage2"]["note"] == f"gate missed (warned): {missed}"
+    assert rows["evaluate"]["note"] == ""
     assert rows["stage1"]["state"] == "FAILED" and reason in rows["stage1"]["note"]
     assert rows["stage3"]["note"] == f"validation gate failed: {collapse}"
     assert "val_diversity_ratio=0.1" in rows["stage3"]["metric"]
