@@ -16,11 +16,16 @@ micro-batches; the validation loss is the stage's total generator loss with the 
 annealed (weight 1), so epochs compare on one objective; it is summed over all ranks'
 shards before anyone looks at it.
 
+Stage 1 in continuation mode also writes baselines.json (trivial yardsticks) and, after
+training, order_probe.json (jobs/order_probe.py: the best weights with the input's frames
+permuted, and within-song retrieval), which its gate reads.
+
 Exit codes (pipeline/exit_codes.py; also written to exit.json by rank 0):
-    0   done (the validation gate passed)
+    0   done (the validation gate passed, or failed with gate.on_fail "warn": gate.json
+        has warned true and a "GATE MISSED (warn): <reason>" line is printed)
     2   bad input (missing config, latents, pairs or previous stage's checkpoint; GPUs
         asked for and no CUDA without cluster.allow_cpu_fallback; fp16 without CUDA)
-    3   validation gate failed (gate.json says why)
+    3   validation gate failed with gate.on_fail "stop" (gate.json says why)
     4   non-finite loss (error.pt holds the state before the bad step)
     75  preempted (SIGUSR2/SIGTERM): last.pt saved mid-epoch; requeue to resume
 Under torchrun the agent reports any non-zero worker code as its own failure (exit 1), so
@@ -43,6 +48,7 @@ from tqdm import tqdm
 from data_prep.latent_store import LatentStore
 from jobs import distributed
 from jobs.gate import evaluate_gate, read_history
+from jobs.order_probe import order_probe
 from jobs.pair_data import GlobalBatchSampler, PairDataset, read_pairs
 from jobs.running_mean import Running
 from jobs.telemetry import Telemetry
@@ -218,27 +224,55 @@ def run_stage(cfg: Config, run_dir: Path, stage: str, info: distributed.DistInfo
             code, reason = EXIT_NONFINITE, str(exc)
         except Preempted as exc:
             code, reason = EXIT_PREEMPTED, str(exc)
+        probe = None
+        if code == EXIT_OK and stage == "stage1" and scfg.mode == "continuation":
+            probe = probe_order(ctx, val_set, val_sampler, tracker, progress.epoch)
         if code == EXIT_OK:
             result = distributed.gather(evaluate_gate(   # rank 0's reading decides for all
                 scfg.gate, read_history(out_dir / rf.METRICS), base,
                 free_bits=scfg.kl.free_bits if scfg.kl is not None else None,
-                d_pretrain_epochs=scfg.gan.d_pretrain_epochs if scfg.gan is not None else 0),
-                info)[0]
+                d_pretrain_epochs=scfg.gan.d_pretrain_epochs if scfg.gan is not None else 0,
+                order_probe=probe), info)[0]
             if info.is_main:
                 atomic_write_json(out_dir / rf.GATE, result)
                 tracker.log_metrics({"gate_passed": float(result["passed"])},
                                     step=progress.epoch)
                 tracker.log_artifact(out_dir / rf.GATE)
-            if not result["passed"]:
-                code, reason = EXIT_GATE, f"{stage} validation gate failed: {result['reason']}"
-            else:
+            if result["passed"]:
                 reason = f"{stage} done ({reason}); gate passed: {result['reason']}"
+            elif result["warned"]:   # gate.on_fail "warn": say so plainly, and go on
+                if info.is_main:
+                    print(f"[{stage}] GATE MISSED (warn): {result['reason']}", file=sys.stderr)
+                reason = f"{stage} done ({reason}); GATE MISSED (warn): {result['reason']}"
+            else:
+                code, reason = EXIT_GATE, f"{stage} validation gate failed: {result['reason']}"
         if info.is_main:
             write_exit(out_dir, code, reason, progress)
             tracker.set_tags({"exit_code": code, "exit_reason": reason})
             print(f"[{stage}] {reason}", file=sys.stderr if code else sys.stdout)
     distributed.barrier(info)
     return code
+
+
+def probe_order(ctx: Context, val_set: PairDataset, val_sampler: GlobalBatchSampler,
+                tracker: StepTracker, epoch: int) -> dict:
+    """Stage 1's order probe on its best weights (every rank); rank 0 writes
+    order_probe.json and logs its figures as order/<name>."""
+    probe = order_probe(ctx, val_set, val_sampler)
+    if ctx.info.is_main:
+        path = ctx.run_dir / ctx.stage / rf.ORDER_PROBE
+        atomic_write_json(path, probe)
+        tracker.log_metrics({f"order/{k}": float(probe[k]) for k in (
+            "val_loss", "val_loss_permuted", "order_gain", "retrieval_accuracy",
+            "retrieval_chance", "retrieval_mean_rank")}, step=epoch)
+        tracker.log_artifact(path)
+        print(f"[{ctx.stage}] order probe (best.pt, epoch {probe['epoch']}): val loss "
+              f"{probe['val_loss']:.4f}, input frames permuted {probe['val_loss_permuted']:.4f} "
+              f"(order gain {probe['order_gain']:+.1%}); within-song retrieval "
+              f"{probe['retrieval_correct']}/{probe['pairs']} = "
+              f"{probe['retrieval_accuracy']:.1%} (chance {probe['retrieval_chance']:.1%})",
+              file=sys.stderr)
+    return probe
 
 
 def log_start(ctx: Context, tracker: StepTracker, report: Optional[dict],

@@ -15,6 +15,7 @@ from jobs.pair_data import PairDataset
 from jobs.running_mean import Running
 from jobs.train_context import Context
 from jobs.train_step import floats
+from jobs.trivial_predictors import last_bar_continuation, period_continuation, period_range
 
 
 @torch.no_grad()
@@ -81,16 +82,26 @@ def validate(ctx: Context, loader: DataLoader, epoch: int) -> dict[str, float]:
 @torch.no_grad()
 def baselines(ctx: Context, train_set: PairDataset, val_loader: DataLoader) -> dict[str, float]:
     """Stage-1 yardsticks on the same val pairs and loss: output = the start chunk; the mean
-    training latent (per channel, over time and pairs); and start_mean = the start chunk's
-    time-averaged spectrum (per channel) repeated over the target's frames."""
+    training latent (per channel, over time and pairs); start_mean = the start chunk's
+    time-averaged spectrum (per channel) repeated over the target's frames; and, with the
+    stage's `baselines` settings, period = the start chunk continued with its own best
+    autocorrelation period (min_period_s .. half the chunk), last_bar = its last bar_s
+    seconds repeated (jobs/trivial_predictors.py)."""
     info = ctx.info
     mean = ctx.g.latent_mean   # set from the training targets by latent_stats
+    settings, rate = ctx.scfg.baselines, float(ctx.codec["frame_rate"])
     running = Running()
     for inp, tgt in val_loader:
         inp, tgt = inp.to(info.device), tgt.to(info.device)
-        flat = mean.view(1, -1, 1).expand_as(tgt)
-        start_mean = inp.mean(dim=2, keepdim=True).expand_as(tgt)
-        for name, output in (("repeat", inp), ("mean", flat), ("start_mean", start_mean)):
+        frames = tgt.shape[-1]
+        outputs = {"repeat": inp, "mean": mean.view(1, -1, 1).expand_as(tgt),
+                   "start_mean": inp.mean(dim=2, keepdim=True).expand_as(tgt)}
+        if settings is not None:
+            lo, hi = period_range(inp.shape[-1], rate, settings.min_period_s)
+            bar = min(inp.shape[-1], max(1, round(settings.bar_s * rate)))
+            outputs["period"] = period_continuation(inp, lo, hi, frames)
+            outputs["last_bar"] = last_bar_continuation(inp, bar, frames)
+        for name, output in outputs.items():
             terms = generator_losses({"output": output}, inp, tgt, ctx.scfg, ctx.codec["codec"],
                                      1.0)
             running.add({f"val_baseline_{name}": float(terms["total"])}, weight=len(inp))

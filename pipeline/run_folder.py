@@ -193,6 +193,7 @@ EXIT = "exit.json"
 CONTINUED = "continued.json"
 TRANSFER_REPORT = "transfer_report.json"
 BASELINES = "baselines.json"
+ORDER_PROBE = "order_probe.json"          # stage 1: does the model use its input's frame order
 MODEL_SIZE = "model_size.json"             # parameter counts of the stage's models
 EPOCH_GLOB = "epoch_*.pt"
 EPOCH_FILE = re.compile(r"^epoch_(\d+)(_d)?\.pt$")   # _d: discriminator only (keep_last)
