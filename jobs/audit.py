@@ -11,9 +11,19 @@ at epoch N (`jobs.curriculum.gan_alpha`, `mix_noise`), as jobs/train.py makes th
 the distribution the discriminators were trained to reject, so the audit measures what they
 learned. Once the curriculum reaches alpha = 1 this is generation from noise; with the
 curriculum off it is continuation of real validation chunks. Reals are the clean targets.
-The batch has the per-rank size D was trained with (stage3.batch_size / world_size of the
-generator checkpoint; audit.batch_size overrides it): minibatch discrimination scores a
-sample against the mean of the rest of its batch, which is noisier in smaller batches.
+Clips are scored in batches of the per-rank size D was trained with (stage3.batch_size /
+world_size of the generator checkpoint; audit.batch_size overrides it): minibatch
+discrimination scores a sample against the mean of the rest of its batch. Each pick holds
+up to audit.clips validation chunks, and the figures are means over audit.picks seeded
+picks (the spread of the fakes' BCE beside them).
+
+The verdict follows MusiGAN's rule: a discriminator is fooled when the fakes' BCE against
+the "real" label is below ln 2. It counts only a discriminator that can tell real clips from
+the generator's trivial twins (jobs.twins: its input noise, white noise, real frames
+shuffled in time; the lowest AUC of real over twin at least audit.min_twin_auc): a D that
+cannot reject its own generator's noise says nothing about the generator, so with no such D
+the verdict is "trouble". The reals-relative reading (D(fake) within chance_margin of D(real))
+is reported beside it.
 """
 from __future__ import annotations
 
@@ -36,7 +46,10 @@ from pipeline.schema import Config
 LN2 = math.log(2.0)
 EPOCH_FILE = rf.EPOCH_FILE   # _d: discriminator only (stage keep_last)
 COLUMNS = ("d_epoch", "checkpoint", "fake_bce_vs_real", "fake_prob", "real_bce_vs_real",
-           "real_prob", "d_loss", "accuracy")
+           "real_prob", "d_loss", "accuracy", "fake_bce_std", "twin_auc", "twin_auc_prior",
+           "twin_auc_white", "twin_auc_shuffled", "twin_bce", "counted", "fooled", "fooled_vs_reals")
+METRICS = ("fake_bce_vs_real", "fake_prob", "real_bce_vs_real", "real_prob", "d_loss",
+           "accuracy", "fake_bce_std", "twin_auc", "twin_bce")
 
 
 class AuditError(RuntimeError):
@@ -112,98 +125,191 @@ def batch_choice(cfg: Config, model_cfg: Config, state: dict, path: Path) -> tup
 # --- fixed batches ----------------------------------------------------------------------
 
 def fixed_batches(cfg: Config, run_dir: Path, generator: torch.nn.Module, gen_epoch: int,
-                  batch_size: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(fakes, reals, info): seeded pick of validation pairs; fakes made from them as stage 3
-    trained G_N (jobs.fakes.make_fakes): continuation of the curriculum's view of the
-    inputs, or the creative cascade on the curriculum's views of (input, target); reals =
-    the clean targets."""
+                  n: int, seed: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(fakes, reals, info): a seeded pick of up to n validation pairs; fakes made from them
+    as stage 3 trained G_N (jobs.fakes.make_fakes): continuation of the curriculum's view of
+    the inputs, or the creative cascade on the curriculum's views of (input, target);
+    reals = the clean targets."""
     from jobs.fakes import make_fakes, pick_pairs
 
+    seed = cfg.run.seed if seed is None else seed
     pairs = rf.read_pairs(rf.pairs_file(run_dir, "val"))
     if len(pairs) < 2:
         raise AuditError(f"{rf.pairs_file(run_dir, 'val')} has {len(pairs)} pairs; the audit needs at "
                          "least 2 real validation chunks")
-    picks = pick_pairs(pairs, batch_size, cfg.run.seed, distinct=True)
-    made = make_fakes(generator, cfg, run_dir, "stage3", gen_epoch, len(picks), cfg.run.seed,
+    picks = pick_pairs(pairs, n, seed, distinct=True)
+    made = make_fakes(generator, cfg, run_dir, "stage3", gen_epoch, len(picks), seed,
                       pairs=picks, from_real=True)
-    info = {"batch": len(picks), "asked_batch": batch_size, "alpha": made.alpha,
-            "mode": made.mode, "val_pairs": len(pairs)}
+    info = {"clips": len(picks), "asked_clips": n, "alpha": made.alpha,
+            "mode": made.mode, "val_pairs": len(pairs), "pairs": picks}
     return made.latents, made.targets, info
+
+
+def twin_batches(cfg: Config, run_dir: Path, generator: torch.nn.Module, reals: torch.Tensor,
+                 pairs: list[dict], seed: int) -> dict[str, torch.Tensor]:
+    """The trivial twins of the fakes (jobs.twins): the generator's input noise at alpha 1
+    for the picked pairs' inputs, white noise at the training clips' level, and the reals
+    with their frames shuffled."""
+    from jobs.curriculum import mix_noise
+    from jobs.evaluate import real_latents
+    from jobs.fakes import pair_latents
+    from jobs.twins import shuffled_twin, white_twin
+
+    model = getattr(generator, "module", generator)
+    inputs, = pair_latents(run_dir, pairs, ("input",))
+    stats = model.noise_stats(cfg.stage3.curriculum.noise)
+    prior = mix_noise(inputs, 1.0, torch.Generator().manual_seed(seed), stats)
+    reference = real_latents(run_dir, "train", len(reals), seed)
+    return {"prior": prior, "white": white_twin(reference, len(reals), reals.shape[2], seed),
+            "shuffled": shuffled_twin(reals, seed)}
 
 
 # --- scoring and reading ----------------------------------------------------------------
 
 @torch.no_grad()
-def score(disc: torch.nn.Module, fakes: torch.Tensor, reals: torch.Tensor) -> dict:
-    """Audit numbers of one discriminator; reals and fakes go in as separate batches, as in training."""
+def logits(disc: torch.nn.Module, x: torch.Tensor, batch: int) -> list[torch.Tensor]:
+    """D's per-scale logits [N] for clips x, scored in batches of `batch` as D was trained
+    (a last batch of one joins the batch before it: minibatch features need two)."""
+    starts = list(range(0, len(x), batch))
+    if len(starts) > 1 and len(x) - starts[-1] < 2:
+        starts.pop()
+    ends = starts[1:] + [len(x)]
+    parts = [disc(x[a:b])[0] for a, b in zip(starts, ends)]
+    return [torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+def auc(high: torch.Tensor, low: torch.Tensor) -> float:
+    """P(a sample of `high` scores above one of `low`), ties half: 1 = always told apart."""
+    diff = high.view(-1, 1) - low.view(1, -1)
+    return float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean())
+
+
+@torch.no_grad()
+def score(disc: torch.nn.Module, fakes: torch.Tensor, reals: torch.Tensor, batch: int,
+          twins: Optional[dict[str, torch.Tensor]] = None) -> dict:
+    """Audit numbers of one discriminator on one pick; reals, fakes and each twin go in as
+    separate batches, as in training."""
     from jobs.gan_losses import bce_vs_real, d_probability
 
-    fake_logits, _ = disc(fakes)
-    real_logits, _ = disc(reals)
+    fake_logits, real_logits = logits(disc, fakes, batch), logits(disc, reals, batch)
     fake_bce, real_bce = bce_vs_real(fake_logits), bce_vs_real(real_logits)
     fake_vs_fake = bce_vs_real([-l for l in fake_logits])   # BCE against label 0
     p_fake, p_real = d_probability(fake_logits), d_probability(real_logits)
     correct = torch.cat([p_real > 0.5, p_fake < 0.5]).float()
-    return {"fake_bce_vs_real": fake_bce.mean().item(), "fake_prob": p_fake.mean().item(),
-            "real_bce_vs_real": real_bce.mean().item(), "real_prob": p_real.mean().item(),
-            "d_loss": 0.5 * (real_bce.mean() + fake_vs_fake.mean()).item(),
-            "accuracy": correct.mean().item()}
+    out = {"fake_bce_vs_real": fake_bce.mean().item(), "fake_prob": p_fake.mean().item(),
+           "real_bce_vs_real": real_bce.mean().item(), "real_prob": p_real.mean().item(),
+           "d_loss": 0.5 * (real_bce.mean() + fake_vs_fake.mean()).item(),
+           "accuracy": correct.mean().item()}
+    for name, clips in (twins or {}).items():
+        twin_logits = logits(disc, clips, batch)
+        out[f"twin_auc_{name}"] = auc(p_real, d_probability(twin_logits))
+        out[f"twin_bce_{name}"] = bce_vs_real(twin_logits).mean().item()
+    if twins:
+        out["twin_auc"] = min(out[f"twin_auc_{name}"] for name in twins)
+        out["twin_bce"] = min(out[f"twin_bce_{name}"] for name in twins)
+    return out
 
 
-def is_fooled(row: dict, chance_margin: float) -> bool:
-    """Did this D take the fakes for real? The seed's test (fake BCE vs the real label below
-    ln 2), or, read against the reals it scored in the same call, D(fake) within
-    `chance_margin` of D(real): a D that gives reals 0.47 and fakes 0.43 cannot tell them
-    apart, although both BCEs are above ln 2 (label smoothing caps what D says of reals)."""
-    return (row["fake_bce_vs_real"] < LN2
-            or row["fake_prob"] >= row["real_prob"] - chance_margin)
+def mean_over_picks(scores: list[dict]) -> dict:
+    """The picks' scores of one discriminator averaged, with the fakes' BCE spread."""
+    out = {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
+    for key in ("twin_auc", "twin_bce"):   # the worst twin of the means, not a mean of minima
+        twins = [v for k, v in out.items() if k.startswith(f"{key}_")]
+        if twins:
+            out[key] = min(twins)
+    bce = torch.tensor([s["fake_bce_vs_real"] for s in scores], dtype=torch.float64)
+    out["fake_bce_std"] = float(bce.std(correction=0))
+    return out
 
 
-def read_rows(rows: list[dict], collapse_d_loss: float, chance_margin: float) -> tuple[str, list[str]]:
-    """Verdict (healthy | trouble | unclear) and findings, in the seed's terms."""
-    fooled = [is_fooled(r, chance_margin) for r in rows]   # D took G_N's fakes for real
-    first, last = rows[0], rows[-1]
+def is_fooled(row: dict) -> bool:
+    """MusiGAN's rule: D took the fakes for real when their BCE vs the real label < ln 2."""
+    return row["fake_bce_vs_real"] < LN2
+
+
+def fooled_vs_reals(row: dict, chance_margin: float) -> bool:
+    """The reals-relative reading: D(fake) within `chance_margin` of D(real) (label smoothing
+    caps what D says of reals, so a D can score both below 0.5 and still not tell them apart)."""
+    return row["fake_prob"] >= row["real_prob"] - chance_margin
+
+
+def is_counted(row: dict, min_twin_auc: float) -> bool:
+    """Can this D tell real clips from every trivial twin? It ranks reals above each twin
+    (lowest AUC >= min_twin_auc) and, by MusiGAN's rule, is fooled by none (each twin's
+    BCE vs the real label >= ln 2). So a generator that outputs its own noise meets only
+    strict counted discriminators, and never reads "healthy"."""
+    return (row.get("twin_auc", float("nan")) >= min_twin_auc
+            and row.get("twin_bce", float("nan")) >= LN2)
+
+
+def read_rows(rows: list[dict], collapse_d_loss: float, chance_margin: float,
+              min_twin_auc: float) -> tuple[str, list[str]]:
+    """Verdict (healthy | trouble | unclear) and findings, in the seed's terms, over the
+    discriminators that can tell real music from the trivial twins."""
     findings, verdict = [], "unclear"
-    if all(fooled):
+    judged = [r for r in rows if is_counted(r, min_twin_auc)]
+    shown = ", ".join(f"{r['d_epoch']}: AUC {r.get('twin_auc', float('nan')):.2f} / BCE "
+                      f"{r.get('twin_bce', float('nan')):.2f}" for r in rows)
+    if not judged:
+        findings.append(f"no discriminator can tell real clips from the generator's trivial twins "
+                        f"(lowest AUC of real over twin / lowest twin BCE vs real, per D epoch: "
+                        f"{shown}; needed AUC >= {min_twin_auc:g} and BCE >= ln 2): a D that "
+                        "cannot reject its own generator's noise says nothing about the generator")
         verdict = "trouble"
-        findings.append("all discriminators are fooled: every one, even the newest, calls the "
-                        "fakes real (fake BCE vs real < ln 2, or D(fake) within "
-                        f"{chance_margin:g} of D(real)): D is not learning, or G overpowers it")
-    elif not any(fooled):
-        verdict = "trouble"
-        findings.append("all discriminators are strict: even the oldest one catches the fakes "
-                        "(fake BCE vs real > ln 2 and D(fake) more than "
-                        f"{chance_margin:g} below D(real)): the generator is losing the game")
-    elif fooled[0] and not fooled[-1]:
-        verdict = "healthy"
-        findings.append(f"healthy arms race: old discriminators are fooled (epoch {first['d_epoch']}: "
-                        f"fake BCE {first['fake_bce_vs_real']:.3f}, D(fake) {first['fake_prob']:.2f} "
-                        f"vs D(real) {first['real_prob']:.2f}), recent ones are strict "
-                        f"(epoch {last['d_epoch']}: {last['fake_bce_vs_real']:.3f} > ln 2, D(fake) "
-                        f"{last['fake_prob']:.2f} vs D(real) {last['real_prob']:.2f})")
     else:
-        findings.append("mixed: fooled and strict discriminators alternate without the "
-                        "old-fooled / recent-strict order of a healthy arms race")
+        if len(judged) < len(rows):
+            findings.append(f"{len(rows) - len(judged)} of {len(rows)} discriminators are not "
+                            f"counted: they cannot tell real clips from the trivial twins "
+                            f"(AUC below {min_twin_auc:g} or a twin's BCE below ln 2; per epoch "
+                            f"{shown})")
+        verdict = arms_race(judged, findings)
+        last = judged[-1]
+        at_chance = abs(last["accuracy"] - 0.5) <= chance_margin
+        separated = last["real_prob"] - last["fake_prob"] > chance_margin
+        probs = f"D(real) {last['real_prob']:.2f}, D(fake) {last['fake_prob']:.2f}"
+        if at_chance and not separated:
+            if verdict == "healthy":
+                verdict = "unclear"
+            findings.append(f"the newest counted discriminator (epoch {last['d_epoch']}) cannot "
+                            f"tell reals from fakes: accuracy {last['accuracy']:.2f}, {probs}")
+    relative = [r["d_epoch"] for r in rows if fooled_vs_reals(r, chance_margin)]
+    findings.append(f"beside it, read against the reals (D(fake) within {chance_margin:g} of "
+                    f"D(real)): fooled at D epochs {relative or 'none'} of "
+                    f"{[r['d_epoch'] for r in rows]}")
     if all(r["d_loss"] < collapse_d_loss for r in rows):
         verdict = "trouble"
         findings.append(f"D collapse: the D loss is far below ln 2 = {LN2:.3f} at every epoch "
                         f"(max {max(r['d_loss'] for r in rows):.3f} < {collapse_d_loss}); D "
                         "dominates and G gets little useful gradient")
-    at_chance = abs(last["accuracy"] - 0.5) <= chance_margin
-    separated = last["real_prob"] - last["fake_prob"] > chance_margin
-    probs = f"D(real) {last['real_prob']:.2f}, D(fake) {last['fake_prob']:.2f}"
-    if at_chance and not separated:
-        if verdict == "healthy":
-            verdict = "unclear"
-        findings.append(f"the newest discriminator (epoch {last['d_epoch']}) cannot tell reals from "
-                        f"fakes: accuracy {last['accuracy']:.2f}, {probs}")
-    elif at_chance:
-        findings.append(f"the newest discriminator (epoch {last['d_epoch']}) ranks reals above fakes "
-                        f"({probs}) but its 0.5 threshold puts both on one side: accuracy "
-                        f"{last['accuracy']:.2f}")
-    findings.append(f"newest D loss {last['d_loss']:.3f} (ln 2 = {LN2:.3f} is the confusion "
+    findings.append(f"newest D loss {rows[-1]['d_loss']:.3f} (ln 2 = {LN2:.3f} is the confusion "
                     "point; a healthy D loss oscillates in 0.4-0.7)")
     return verdict, findings
+
+
+def arms_race(rows: list[dict], findings: list[str]) -> str:
+    """MusiGAN's reading of the counted discriminators, oldest first: old ones fooled and
+    recent ones strict is healthy; all fooled or all strict is trouble."""
+    fooled = [is_fooled(r) for r in rows]
+    first, last = rows[0], rows[-1]
+    if all(fooled):
+        findings.append("all counted discriminators are fooled: every one, even the newest, "
+                        "calls the fakes real (fake BCE vs real < ln 2): D is not learning, or "
+                        "G overpowers it")
+        return "trouble"
+    if not any(fooled):
+        findings.append("all counted discriminators are strict: even the oldest one catches "
+                        "the fakes (fake BCE vs real > ln 2): the generator is losing the game, "
+                        "or makes what a D can tell from music at any epoch")
+        return "trouble"
+    if fooled[0] and not fooled[-1]:
+        findings.append(f"healthy arms race: old discriminators are fooled (epoch "
+                        f"{first['d_epoch']}: fake BCE {first['fake_bce_vs_real']:.3f} < ln 2), "
+                        f"recent ones are strict (epoch {last['d_epoch']}: "
+                        f"{last['fake_bce_vs_real']:.3f} > ln 2)")
+        return "healthy"
+    findings.append("mixed: fooled and strict discriminators alternate without the "
+                    "old-fooled / recent-strict order of a healthy arms race")
+    return "unclear"
 
 
 # --- outputs ----------------------------------------------------------------------------
@@ -213,8 +319,8 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buf, fieldnames=COLUMNS)
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: (f"{row[k]:.6f}" if isinstance(row[k], float) else row[k])
-                         for k in COLUMNS})
+        writer.writerow({k: (f"{row[k]:.6f}" if isinstance(row[k], float) else row.get(k, ""))
+                         for k in COLUMNS if k in row})
     atomic_write_text(path, buf.getvalue())
 
 
@@ -236,6 +342,8 @@ def write_plot(path: Path, rows: list[dict], gen_epoch: int) -> None:
     ax2.plot(x, [r["fake_prob"] for r in rows], "o-", label="D(fake)")
     ax2.plot(x, [r["real_prob"] for r in rows], "s-", label="D(real)")
     ax2.plot(x, [r["accuracy"] for r in rows], "^--", label="accuracy")
+    if all("twin_auc" in r for r in rows):
+        ax2.plot(x, [r["twin_auc"] for r in rows], "d:", label="AUC real vs twins (min)")
     ax2.axhline(0.5, color="grey", linestyle=":", label="0.5")
     ax2.set(xlabel="discriminator epoch", ylabel="probability", ylim=(-0.02, 1.02),
             title="D probability of real")
@@ -250,13 +358,14 @@ def write_plot(path: Path, rows: list[dict], gen_epoch: int) -> None:
 
 # --- the step ---------------------------------------------------------------------------
 
-def run(cfg: Config, run_dir: Path, gen_epoch: Optional[int] = None) -> dict:
-    """Audit generator checkpoint gen_epoch (0/None = audit.gen_epoch, 0 there = last saved)."""
+def run(cfg: Config, run_dir: Path, gen_epoch: Optional[int] = None,
+        generator: Optional[torch.nn.Module] = None) -> dict:
+    """Audit generator checkpoint gen_epoch (0/None = audit.gen_epoch, 0 there = last saved);
+    `generator` replaces that checkpoint's generator (a trivial one, to test the audit)."""
     from jobs.load_generator import load_generator, model_config
-    from pipeline.tracking import step_run
 
     run_dir = Path(run_dir)
-    stage_dir, out = rf.step_dir(run_dir, "stage3"), rf.step_dir(run_dir, rf.AUDIT)
+    stage_dir = rf.step_dir(run_dir, "stage3")
     found = saved_epochs(stage_dir)
     full = [e for e, p in found.items() if not EPOCH_FILE.match(p.name).group(2)]
     gen_epoch = gen_epoch or cfg.audit.gen_epoch or (max(full) if full else 0)
@@ -265,11 +374,19 @@ def run(cfg: Config, run_dir: Path, gen_epoch: Optional[int] = None) -> dict:
                          f"(saved epochs with a generator: {full or 'none'}; older ones keep "
                          "only the discriminator, stage3.keep_last)")
     manifest = rf.read_encode_manifest(run_dir)
-    generator, gen_state = load_generator(found[gen_epoch], manifest, cfg.audit.use_ema)
+    loaded, gen_state = load_generator(found[gen_epoch], manifest, cfg.audit.use_ema)
+    generator = loaded if generator is None else generator
     model_cfg = model_config(gen_state, found[gen_epoch])
     batch_size, batch_source, batch_text = batch_choice(cfg, model_cfg, gen_state, found[gen_epoch])
-    fakes, reals, info = fixed_batches(cfg, run_dir, generator, gen_epoch, batch_size)
-    info.update(batch_source=batch_source)
+    seeds = [cfg.run.seed + k for k in range(max(cfg.audit.picks, 1))]
+    picks = []
+    for seed in seeds:
+        fakes, reals, info = fixed_batches(model_cfg, run_dir, generator, gen_epoch,
+                                           max(cfg.audit.clips, batch_size), seed)
+        picks.append((fakes, reals, twin_batches(model_cfg, run_dir, generator, reals,
+                                                 info["pairs"], seed)))
+    info.update(batch=batch_size, batch_source=batch_source, picks=len(seeds))
+    info.pop("pairs")
 
     rows, skipped = [], []
     for epoch in wanted_epochs(found, cfg.stage3.checkpoint_every, cfg.audit.first_epoch,
@@ -283,16 +400,29 @@ def run(cfg: Config, run_dir: Path, gen_epoch: Optional[int] = None) -> dict:
         except (ValueError, FileNotFoundError) as exc:
             skipped.append(f"{name}: {exc}")
             continue
-        rows.append({"d_epoch": epoch, "checkpoint": name, **score(disc, fakes, reals)})
+        row = mean_over_picks([score(disc, f, r, batch_size, t) for f, r, t in picks])
+        row.update(d_epoch=epoch, checkpoint=name, counted=is_counted(row, cfg.audit.min_twin_auc),
+                   fooled=is_fooled(row), fooled_vs_reals=fooled_vs_reals(row, cfg.audit.chance_margin))
+        rows.append(row)
+    return write_reading(cfg, run_dir, gen_epoch, found[gen_epoch], gen_state, rows, skipped,
+                         info, batch_text)
 
-    lines = [f"audit of generator epoch {gen_epoch} ({found[gen_epoch]}) against "
-             f"{len(rows)} discriminator checkpoint(s); batch {info['batch']} fakes "
-             f"(curriculum alpha {info['alpha']:g}, {info['mode']}) + {info['batch']} real "
-             "validation chunks", f"batch size: {batch_text}",
+
+def write_reading(cfg: Config, run_dir: Path, gen_epoch: int, gen_path: Path, gen_state: dict,
+                  rows: list[dict], skipped: list[str], info: dict, batch_text: str) -> dict:
+    """Write the table, plot and reading of the audit, log them to MLflow, return the record."""
+    from pipeline.tracking import step_run
+
+    out = rf.step_dir(run_dir, rf.AUDIT)
+    lines = [f"audit of generator epoch {gen_epoch} ({gen_path}) against "
+             f"{len(rows)} discriminator checkpoint(s); {info['clips']} fakes "
+             f"(curriculum alpha {info['alpha']:g}, {info['mode']}) + {info['clips']} real "
+             f"validation chunks + the trivial twins, in batches of {info['batch']}, mean "
+             f"over {info['picks']} pick(s)", f"batch size: {batch_text}",
              f"generator weights: {gen_state['weights']} (audit.use_ema {cfg.audit.use_ema})"]
-    if info["batch"] < info["asked_batch"]:
-        lines.append(f"note: only {info['val_pairs']} validation pairs, so the batch is "
-                     f"{info['batch']}, not {info['asked_batch']}")
+    if info["clips"] < info["asked_clips"]:
+        lines.append(f"note: only {info['val_pairs']} validation pairs, so {info['clips']} "
+                     f"clips a pick, not {info['asked_clips']}")
     lines += [f"skipped {s}" for s in skipped]
     if len(rows) < 2:
         lines.append(f"FAILED: {len(rows)} usable discriminator checkpoint(s); the audit needs "
@@ -300,7 +430,8 @@ def run(cfg: Config, run_dir: Path, gen_epoch: Optional[int] = None) -> dict:
         text = "\n".join(lines) + "\n"
         atomic_write_text(out / rf.AUDIT_READING, text)
         raise AuditError(text.strip())
-    verdict, findings = read_rows(rows, cfg.audit.collapse_d_loss, cfg.audit.chance_margin)
+    verdict, findings = read_rows(rows, cfg.audit.collapse_d_loss, cfg.audit.chance_margin,
+                                  cfg.audit.min_twin_auc)
     lines.append(f"verdict: {verdict}")
     lines += [f"- {f}" for f in findings]
     text = "\n".join(lines) + "\n"
@@ -311,10 +442,12 @@ def run(cfg: Config, run_dir: Path, gen_epoch: Optional[int] = None) -> dict:
     # overwrite (MLflow forbids changing) the params of an earlier audit
     with step_run(cfg, run_dir, f"audit/gen_epoch_{gen_epoch}") as tracker:
         tracker.log_params({"gen_epoch": gen_epoch, "batch": info["batch"],
-                            "batch_source": batch_source, "weights": gen_state["weights"],
+                            "batch_source": info["batch_source"], "clips": info["clips"],
+                            "picks": info["picks"], "weights": gen_state["weights"],
                             "alpha": info["alpha"], "d_epochs": [r["d_epoch"] for r in rows]})
         for row in rows:
-            tracker.log_metrics({f"audit_{k}": row[k] for k in COLUMNS[2:]}, step=row["d_epoch"])
+            tracker.log_metrics({f"audit_{k}": row[k] for k in METRICS if k in row},
+                                step=row["d_epoch"])
         tracker.set_tags({"audit.verdict": verdict})
         for name in (rf.AUDIT_CSV, rf.AUDIT_PNG, rf.AUDIT_READING):
             tracker.log_artifact(out / name, "audit")

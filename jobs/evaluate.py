@@ -16,7 +16,6 @@ Numbers (all written to run_dir/evaluate/metrics.json and logged to MLflow):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -195,14 +194,20 @@ def rms_db(wave: np.ndarray | torch.Tensor) -> float:
 # --- the step ---------------------------------------------------------------------------
 
 def real_latents(run_dir: Path, split: str, n: int, seed: int) -> torch.Tensor:
-    """Up to n distinct seeded picks of target chunks of a split: [n, 128, T] float32."""
-    from jobs.fakes import pair_latents, pick_pairs
+    """Up to n seeded picks of the distinct chunks of a split's songs (every chunk a pair
+    of the split reads, input or target): [n, 128, T] float32."""
+    from data_prep.latent_store import LatentStore
 
     pairs = rf.read_pairs(rf.pairs_file(run_dir, split))
-    if len(pairs) < 2:
-        raise ValueError(f"{rf.pairs_file(run_dir, split)} has {len(pairs)} pairs; need at least 2")
-    targets, = pair_latents(run_dir, pick_pairs(pairs, n, seed, distinct=True), ("target",))
-    return targets
+    chunks = sorted({(p["song"], int(p["input"])) for p in pairs}
+                    | {(p["target_song"], int(p["target"])) for p in pairs})
+    if len(chunks) < 2:
+        raise ValueError(f"{rf.pairs_file(run_dir, split)} names {len(chunks)} chunks; need at "
+                         "least 2")
+    order = np.random.default_rng(seed).permutation(len(chunks))[:n]
+    store = LatentStore(rf.step_dir(run_dir, rf.ENCODE))
+    return torch.stack([torch.from_numpy(np.asarray(store.get(*chunks[i]), np.float32))
+                        for i in sorted(order)])
 
 
 def frame_step(x: np.ndarray | torch.Tensor) -> float:
@@ -212,59 +217,46 @@ def frame_step(x: np.ndarray | torch.Tensor) -> float:
     return float(t.to(torch.float64).diff(dim=-1).pow(2).mean().sqrt())
 
 
-def compare(generated: torch.Tensor, real: torch.Tensor, reference: torch.Tensor,
-            gen_audio: torch.Tensor, real_audio: torch.Tensor, fft_size: int) -> dict:
-    """All evaluation numbers for generated latents/audio against real held-out ones.
+def prior_twin(generator: torch.nn.Module, model_cfg: Config, run_dir: Path, stage: str,
+               fakes, n: int, frames: int, temperature: float, seed: int) -> torch.Tensor:
+    """What the generator was fed for `fakes` (jobs.fakes.make_fakes with the same seed):
+    its input noise, or for fakes made from real pairs (creative) the pairs' inputs."""
+    from jobs.fakes import data_noise, make_noise, pair_latents, reference_stds
 
-    `reference` is a second real set (training chunks): its distance to the held-out set is
-    the scale a good generator's Fréchet distance should approach, and its precision,
-    recall, density and coverage (`*_train_vs_real`) the values real music reaches."""
-    fd = frechet_distance(frames_of(generated), frames_of(real))
-    fd_ref = frechet_distance(frames_of(reference), frames_of(real))
-    flat_gen = spectral_flatness(gen_audio, fft_size)
-    flat_real = spectral_flatness(real_audio, fft_size)
-    out = {
-        "frechet_generated_vs_real": fd,
-        "frechet_train_vs_real": fd_ref,
-        "frechet_ratio": fd / fd_ref if fd_ref > 0 else float("inf"),
-        "diversity_generated": diversity(generated),
-        "diversity_real": diversity(real),
-        "diversity_ratio": diversity_ratio(generated, real),
-        "flatness_generated": flat_gen,
-        "flatness_real": flat_real,
-        "flatness_ratio": flat_gen / flat_real if flat_real > 0 else float("inf"),
-        "rms_db_generated": rms_db(gen_audio),
-        "rms_db_real": rms_db(real_audio),
-        "step_ratio": frame_step(generated) / max(frame_step(real), TINY),
-    }
-    for name, which in (("generated_vs_real", generated), ("train_vs_real", reference)):
-        for key, value in chunk_manifold_metrics(which, real).items():
-            out[f"{key}_{name}"] = value
+    if fakes.source == "pairs":
+        inputs, = pair_latents(run_dir, fakes.pairs, ("input",))
+        return inputs
+    stats = getattr(generator, "module", generator).noise_stats(
+        getattr(model_cfg, stage).curriculum.noise)
+    if stats is None:
+        return make_noise(reference_stds(run_dir, n, seed), fakes.latents.shape[1], frames,
+                          temperature, seed)
+    return data_noise(stats, n, frames, temperature, seed)
+
+
+def flat_metrics(table: dict) -> dict[str, float]:
+    """The table as flat MLflow metrics: the generator's figures by their own names, a
+    twin's or real music's as <figure>_<set>, each pick spread as <name>_std."""
+    out = {}
+    for name, figures in table.items():
+        suffix = "" if name == "generated" else f"_{name}"
+        for key, stat in figures.items():
+            out[f"{key}{suffix}"] = stat["mean"]
+            if stat["picks"] > 1:
+                out[f"{key}{suffix}_std"] = stat["std"]
     return out
 
 
-NOISE_KEYS = ("frechet_ratio", "diversity_ratio", "flatness_ratio", "step_ratio",
-              "precision_generated_vs_real",
-              "recall_generated_vs_real", "density_generated_vs_real", "coverage_generated_vs_real")
-
-
-def noise_reference(noise: torch.Tensor, real: torch.Tensor, reference: torch.Tensor,
-                    noise_audio: torch.Tensor, real_audio: torch.Tensor,
-                    fft_size: int) -> dict:
-    """The headline figures of the generator's input noise itself (`<key>_noise`): what a
-    generator that passed its data-shaped noise through unchanged would score, so the
-    generator is read by what it adds to its prior."""
-    figures = compare(noise, real, reference, noise_audio, real_audio, fft_size)
-    return {f"{key.replace('_generated_vs_real', '')}_noise": figures[key] for key in NOISE_KEYS}
-
-
 def run(cfg: Config, run_dir: Path) -> dict:
-    """Evaluate the configured checkpoint against held-out real data; write metrics.json.
-    Its fakes are made as its stage trained it (jobs.fakes.make_fakes): noise for a
-    continuation generator, the cascade on validation pairs for a creative one."""
-    from jobs.fakes import data_noise, make_fakes
+    """Evaluate the configured checkpoint and its trivial twins against held-out real clips
+    over evaluate.picks seeded picks; write metrics.json (table, flat metrics, targets).
+    Fakes are made as the checkpoint's stage trained the generator (jobs.fakes.make_fakes)."""
+    from jobs.fakes import make_fakes
+    from jobs.figures import Reals, figure_table
+    from jobs.learning_targets import judge_stage3, verdict
     from jobs.load_generator import checkpoint_origin, load_generator, model_config
     from jobs.samples import run_codec
+    from jobs.twins import TWINS, shuffled_twin, white_twin
     from pipeline.atomic import atomic_write_json
     from pipeline.tracking import step_run
 
@@ -273,35 +265,43 @@ def run(cfg: Config, run_dir: Path) -> dict:
     path = rf.default_checkpoint(run_dir, ev.checkpoint)
     manifest = rf.read_encode_manifest(run_dir)
     generator, state = load_generator(path, manifest, ev.use_ema)
-    real = real_latents(run_dir, "val", ev.n, ev.seed)
-    reference = real_latents(run_dir, "train", ev.n, ev.seed)
-    stage, epoch = checkpoint_origin(state, path)
-    fakes = make_fakes(generator, model_config(state, path), run_dir, stage, epoch, ev.n,
-                       ev.seed, cfg.generate.temperature)
-    generated = fakes.latents
-    codec = run_codec(cfg, manifest)
-    real_audio = codec.decode(real)
-    metrics = compare(generated, real, reference, codec.decode(generated), real_audio,
-                      ev.fft_size)
     model_cfg = model_config(state, path)
-    stats = generator.noise_stats(getattr(model_cfg, stage).curriculum.noise)
-    if fakes.source == "noise" and stats is not None:
-        noise = data_noise(stats, ev.n, manifest["frames"], cfg.generate.temperature, ev.seed)
-        metrics |= noise_reference(noise, real, reference, codec.decode(noise), real_audio,
-                                   ev.fft_size)
+    stage, epoch = checkpoint_origin(state, path)
+    codec = run_codec(cfg, manifest)
+    real = real_latents(run_dir, "val", ev.n, ev.seed)
+    reals = Reals(real, codec.decode(real), real_latents(run_dir, "train", ev.n, ev.seed),
+                  float(manifest["frame_rate"]), ev.fft_size)
+    temperature, frames = cfg.generate.temperature, int(manifest["frames"])
+    made = {}
+
+    def make_sets(seed: int) -> dict:
+        fakes = make_fakes(generator, model_cfg, run_dir, stage, epoch, ev.n, seed, temperature)
+        made.update(mode=fakes.mode, alpha=fakes.alpha, source=fakes.source)
+        sets = {"generated": fakes.latents,
+                "prior": prior_twin(generator, model_cfg, run_dir, stage, fakes, ev.n, frames,
+                                    temperature, seed),
+                "white": white_twin(reals.reference, ev.n, frames, seed),
+                "shuffled": shuffled_twin(real, seed)}
+        return {name: (clips, codec.decode(clips)) for name, clips in sets.items()}
+
+    seeds = [ev.seed + k for k in range(max(ev.picks, 1))]
+    table = figure_table(make_sets, reals, seeds)
+    metrics = flat_metrics(table)
+    targets = {name: judge_stage3(table, name) for name in ("generated", *TWINS)}
     result = {"checkpoint": str(path), "weights": state["weights"], "epoch": state.get("epoch"),
-              "codec": manifest["codec"],
-              "pretrained": manifest.get("pretrained"), "n_generated": len(generated),
-              "n_real": len(real), "seed": ev.seed, "mode": fakes.mode, "alpha": fakes.alpha,
-              "metrics": metrics}
+              "codec": manifest["codec"], "pretrained": manifest.get("pretrained"),
+              "n_generated": ev.n, "n_real": len(real), "n_train_reference": len(reals.reference),
+              "picks": seeds, "mode": made["mode"], "alpha": made["alpha"],
+              "metrics": metrics, "table": table, "targets": targets, "verdict": verdict(table)}
     out = rf.evaluate_metrics(run_dir)
     atomic_write_json(out, result)
     with step_run(cfg, run_dir, "evaluate") as tracker:
         tracker.log_params({"checkpoint": str(path), "weights": state["weights"],
-                            "epoch": state.get("epoch"),
-                            "n_generated": len(generated), "n_real": len(real), "seed": ev.seed,
-                            "mode": fakes.mode, "alpha": fakes.alpha})
+                            "epoch": state.get("epoch"), "n_generated": ev.n,
+                            "n_real": len(real), "seed": ev.seed, "picks": len(seeds),
+                            "mode": made["mode"], "alpha": made["alpha"]})
         tracker.log_metrics(metrics)
+        tracker.set_tags({"evaluate.verdict": result["verdict"]})
         tracker.log_artifact(out, "evaluate")
     return result
 
@@ -319,8 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     except (MismatchError, FileNotFoundError, ValueError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(result["metrics"], indent=2))
-    print(f"wrote {rf.evaluate_metrics(run_dir)}")
+    from jobs.verdict_table import render
+
+    print(render(result))
+    print(f"wrote {rf.evaluate_metrics(run_dir)} (every figure, its spread over the picks, "
+          "and the targets)")
     return 0
 
 

@@ -240,6 +240,9 @@ class AuditConfig:
     collapse_d_loss: float    # D loss (per BCE term) below this at every epoch = D collapse
     chance_margin: float      # D accuracy within 0.5 +- this = D cannot tell reals from fakes
     use_ema: bool             # the generator's EMA weights when the checkpoint has them
+    clips: int                # validation clips per pick (scored in batches of batch_size)
+    picks: int                # seeded picks; each D's figures are the mean over them
+    min_twin_auc: float       # a D counts in the verdict only if it tells reals from every twin
 
 
 @dataclass

@@ -8,6 +8,8 @@ import torch
 from data_prep.codec_mel import MelCodec
 from data_prep.corpus import song
 from jobs import evaluate as ev
+from jobs.figures import FIGURES
+from jobs.learning_targets import STAGE3
 from tests.fixtures.config import make_cfg
 
 SR = 12000      # a legal data rate for the mel codec (hop 160); keeps the test quick
@@ -84,7 +86,7 @@ def test_spectral_flatness_and_rms():
         ev.spectral_flatness(sine[:100], 1024)
 
 
-def test_evaluate_step_writes_metrics_and_logs_them(tmp_path):
+def test_evaluate_step_scores_the_generator_beside_its_twins_and_logs_it(tmp_path):
     import json
 
     import mlflow
@@ -92,30 +94,39 @@ def test_evaluate_step_writes_metrics_and_logs_them(tmp_path):
     from pipeline.tracking import tracking_uri
     from tests.fixtures.tiny_gan_run import build_run, save_stage3
 
-    cfg, run_dir = build_run(tmp_path)
+    # 2 s clips (lags of 0.5-1 s for the periodicity), 8 held-out clips (4 folds of 2 a side)
+    cfg, run_dir = build_run(tmp_path, "data.chunk_seconds=2.0", "data.demo_seconds=8.0",
+                             "model.transformer.max_frames=160",
+                             "evaluate.n=8", "evaluate.picks=2")
     save_stage3(cfg, run_dir, [1, 2])
     result = ev.run(cfg, run_dir)
     saved = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
-    m = saved["metrics"]
-    assert saved["n_generated"] == saved["n_real"] == cfg.evaluate.n == 4
+    table, m = saved["table"], saved["metrics"]
+    assert saved["n_generated"] == 8 and saved["n_real"] == 8 and saved["picks"] == [0, 1]
     assert saved["epoch"] == 2 and saved["codec"] == "mel"
-    assert all(np.isfinite(v) for v in m.values())
-    assert m["frechet_generated_vs_real"] > 0 and m["frechet_train_vs_real"] > 0
-    # an untrained generator is far from music: farther than training music is from held-out
-    assert m["frechet_generated_vs_real"] > m["frechet_train_vs_real"]
-    assert m["frechet_ratio"] == pytest.approx(m["frechet_generated_vs_real"]
-                                               / m["frechet_train_vs_real"])
-    assert 0 < m["flatness_real"] < 1 and 0 < m["flatness_generated"] < 1
-    # the generator's own input noise is scored too, as the prior it is read against
-    assert cfg.stage3.curriculum.noise == "data"
-    assert {"frechet_ratio_noise", "diversity_ratio_noise", "recall_noise",
-            "coverage_noise", "flatness_ratio_noise"} <= set(m)
-    assert m["frechet_ratio_noise"] != m["frechet_ratio"]
-    assert result["metrics"] == m
+    assert set(table) == {"generated", "prior", "white", "shuffled", "real"}
+    for name in ("generated", "prior", "white", "shuffled"):
+        assert set(table[name]) == set(FIGURES)
+        assert all(np.isfinite(stat["mean"]) and stat["picks"] == 2
+                   for stat in table[name].values()), name
+        assert 0 <= table[name]["two_sample_accuracy"]["mean"] <= 1
+        assert [t["key"] for t in saved["targets"][name]] == [t.key for t in STAGE3]
+    # white noise is told from music at once; shuffling real frames removes the bar-scale
+    # repetition that the real clips have
+    assert table["white"]["two_sample_accuracy"]["mean"] >= 0.75
+    assert table["shuffled"]["periodicity"]["mean"] < table["real"]["periodicity"]["mean"]
+    # the prior judged against itself misses the two-sample target (it is its own yardstick)
+    assert not saved["targets"]["prior"][0]["met"]
+    # flat metrics: the generator's by name, the twins' with a suffix, spreads as _std
+    assert m["two_sample_accuracy"] == table["generated"]["two_sample_accuracy"]["mean"]
+    assert m["periodicity_shuffled"] == table["shuffled"]["periodicity"]["mean"]
+    assert "rms_db_diff_std" in m and "precision_prior" in m
+    assert result["verdict"].startswith("the generator") and result["metrics"] == m
     client = mlflow.MlflowClient(tracking_uri(cfg))
     run_id = json.loads((run_dir / "evaluate" / "mlflow_run.json").read_text())["run_id"]
-    logged = client.get_run(run_id).data.metrics
-    assert logged["eval/diversity_ratio"] == pytest.approx(m["diversity_ratio"])
+    run = client.get_run(run_id)
+    assert run.data.metrics["eval/two_sample_accuracy"] == pytest.approx(m["two_sample_accuracy"])
+    assert run.data.tags["evaluate.verdict"] == result["verdict"]
     assert [a.path for a in client.list_artifacts(run_id, "evaluate")] == ["evaluate/metrics.json"]
 
 
@@ -159,18 +170,20 @@ def test_recall_and_coverage_catch_collapse_and_real_music_scores_like_real_musi
         10 * ev.frechet_distance(ev.frames_of(train), ev.frames_of(real))
 
 
-def test_compare_reports_manifold_figures_with_their_reference_and_flatness_ratio(codec):
-    real = codec.encode(songs(range(0, 4)))
-    train = codec.encode(songs(range(4, 8)))
-    audio = songs(range(0, 4))
-    m = ev.compare(real.clone(), real, train, audio * 0.5, audio, 1024)
-    for key in ("precision", "recall", "density", "coverage"):
-        assert f"{key}_generated_vs_real" in m and f"{key}_train_vs_real" in m
-    # generated = the held-out set itself: every frame is in the manifold and covers it
-    assert m["precision_generated_vs_real"] == m["recall_generated_vs_real"] == 1.0
-    assert m["coverage_generated_vs_real"] == 1.0
-    assert 0 < m["recall_train_vs_real"] < 1
-    assert m["flatness_ratio"] == pytest.approx(m["flatness_generated"] / m["flatness_real"])
+def test_set_figures_of_the_held_out_clips_themselves(codec):
+    from jobs.figures import Reals, set_figures
+
+    real = codec.encode(songs(range(0, 8)))
+    train = codec.encode(songs(range(8, 16)))
+    audio = songs(range(0, 8))
+    reals = Reals(real, audio, train, codec.frame_rate, 1024)
+    same = set_figures(real.clone(), audio, reals, seed=0)
+    # every window of the set is a window of the reals: inside the manifold, covering it
+    assert same["precision"] == same["recall"] == same["coverage"] == 1.0
+    assert same["rms_db_diff"] == pytest.approx(0.0, abs=1e-9)
+    assert same["frechet_ratio"] == pytest.approx(0.0, abs=1e-6)
+    quieter = set_figures(real.clone(), audio * 0.5, reals, seed=0)
+    assert quieter["rms_db_diff"] == pytest.approx(-6.02, abs=0.01)
 
 
 # --- the spread of a set from running sums (validation over every rank) --------------------
