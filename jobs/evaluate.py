@@ -257,7 +257,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     from jobs.load_generator import checkpoint_origin, load_generator, model_config
     from jobs.samples import run_codec
     from jobs.twins import TWINS, shuffled_twin, white_twin
-    from pipeline.atomic import atomic_write_json
+    from pipeline.atomic import atomic_write_json, atomic_write_text
     from pipeline.tracking import step_run
 
     run_dir = Path(run_dir)
@@ -295,6 +295,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
               "metrics": metrics, "table": table, "targets": targets, "verdict": verdict(table)}
     out = rf.evaluate_metrics(run_dir)
     atomic_write_json(out, result)
+    atomic_write_text(rf.evaluate_verdict(run_dir), verdict_text(run_dir, result))
     with step_run(cfg, run_dir, "evaluate") as tracker:
         tracker.log_params({"checkpoint": str(path), "weights": state["weights"],
                             "epoch": state.get("epoch"), "n_generated": ev.n,
@@ -303,7 +304,24 @@ def run(cfg: Config, run_dir: Path) -> dict:
         tracker.log_metrics(metrics)
         tracker.set_tags({"evaluate.verdict": result["verdict"]})
         tracker.log_artifact(out, "evaluate")
+        tracker.log_artifact(rf.evaluate_verdict(run_dir), "evaluate")
     return result
+
+
+def verdict_text(run_dir: Path, result: dict) -> str:
+    """verdict.txt: the generator against its twins (jobs.verdict_table), and stage 1
+    against its baselines where the run has them."""
+    from jobs.gate import read_history
+    from jobs.verdict_table import render, stage1_lines
+
+    history = read_history(rf.stage_file(run_dir, "stage1", rf.METRICS))
+    losses = [h["val_loss"] for h in history if isinstance(h.get("val_loss"), (int, float))]
+    baselines = {k[len("val_baseline_"):]: v for k, v in
+                 (rf.read_json(rf.stage_file(run_dir, "stage1", rf.BASELINES)) or {}).items()
+                 if k.startswith("val_baseline_") and isinstance(v, (int, float))}
+    probe = rf.read_json(rf.stage_file(run_dir, "stage1", rf.ORDER_PROBE)) or {}
+    lines = [render(result), *stage1_lines(min(losses) if losses else None, baselines, probe)]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,9 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     except (MismatchError, FileNotFoundError, ValueError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 1
-    from jobs.verdict_table import render
-
-    print(render(result))
+    print(rf.evaluate_verdict(run_dir).read_text(), end="")
     print(f"wrote {rf.evaluate_metrics(run_dir)} (every figure, its spread over the picks, "
           "and the targets)")
     return 0

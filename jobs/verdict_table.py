@@ -3,8 +3,10 @@ and its trivial twins, each stage-3 target PASS or MISS, and a one-line verdict.
 `make evaluate` and at the end of `make demo` / `make pipeline`."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
+from jobs.learning_targets import judge_stage1
 from jobs.twins import TWINS
 
 ROWS = (("two_sample_accuracy", "two-sample accuracy"), ("periodicity", "bar-scale periodicity"),
@@ -41,3 +43,23 @@ def render(result: dict) -> str:
                  f"real clips, mean ±std over {picks} pick(s); ✓/✗ = target met/missed)")
     lines.append(f"verdict: {result.get('verdict', 'n/a')}")
     return "\n".join(lines)
+
+
+def stage1_lines(best_val: Optional[float], baselines: dict[str, float],
+                 probe: dict) -> list[str]:
+    """Stage 1 against its best trivial baseline and with its input order permuted."""
+    if best_val is None or not baselines:
+        return []
+    name = min(baselines, key=baselines.get)
+    gain = probe.get("order_gain")
+    lines = [f"stage 1: best val loss {best_val:.4g}, best trivial baseline {name} "
+             f"{baselines[name]:.4g}"]
+    for row in judge_stage1(best_val, baselines, gain if isinstance(gain, float) else None):
+        value = row["value"]
+        shown = f"{value:+.1%}" if isinstance(value, float) and math.isfinite(value) else "n/a"
+        lines.append(f"  {row['label']}: {shown} (target {row['rule']}) "
+                     f"{'✓' if row['met'] else '✗'}")
+    if probe.get("retrieval_accuracy") is not None:
+        lines.append(f"  within-song retrieval: {probe['retrieval_accuracy']:.2f} top-1 "
+                     f"(chance {probe.get('retrieval_chance', float('nan')):.2f})")
+    return lines

@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional, Sequence
 
+from jobs import learning_targets as lt
 from pipeline import dag
 from pipeline import run_folder as rf
 from pipeline.atomic import atomic_write_text
@@ -27,47 +28,31 @@ from pipeline.atomic import atomic_write_text
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SEEDS = (1234, 777)
 STAGES = rf.STAGES
-# Collapse-proof evaluation figures, shown when jobs/evaluate.py writes them (any metric
-# whose name contains one of these words); the first four are shown as n/a otherwise.
-EXTRA_WORDS = ("precision", "recall", "density", "coverage", "spread", "step_ratio", "_noise")
+STAGE3_ROWS = (("two_sample_accuracy", "two-sample accuracy"),
+               ("periodicity", "bar-scale periodicity"), ("rms_db_diff", "loudness vs real (dB)"),
+               ("precision", "window precision"), ("recall", "window recall"),
+               ("density", "window density"), ("coverage", "window coverage"),
+               ("frechet_ratio", "Fréchet ratio (frames)"),
+               ("diversity_ratio", "diversity ratio"), ("flatness_ratio", "flatness ratio"),
+               ("step_ratio", "lag-1 step ratio"))
+SETS = ("generated", "prior", "white", "shuffled", "real")
 
 
 @dataclass(frozen=True)
 class Target:
-    """One learning target: a figure with bounds (numbers) or forbidden words (verdicts)."""
+    """One learning target of the summary: a key, its label and rule (jobs.learning_targets)."""
     key: str
     label: str
-    lo: Optional[float] = None
-    hi: Optional[float] = None
-    forbid: tuple[str, ...] = ()
-    percent: bool = False
-
-    def met(self, value: float | str | None) -> bool:
-        """True when the figure exists and is within the target (a missing figure misses)."""
-        if value is None:
-            return False
-        if isinstance(value, str):
-            return value not in self.forbid
-        return (math.isfinite(value) and (self.lo is None or value >= self.lo)
-                and (self.hi is None or value <= self.hi))
-
-    def text(self) -> str:
-        """The target as a reader sees it, e.g. '>= 20%' or '0.5 .. 1.5'."""
-        num = (lambda v: f"{v:.0%}") if self.percent else (lambda v: f"{v:g}")
-        if self.forbid:
-            return "not " + " / ".join(f'"{w}"' for w in self.forbid)
-        if self.lo is not None and self.hi is not None:
-            return f"{num(self.lo)} .. {num(self.hi)}"
-        return f">= {num(self.lo)}" if self.lo is not None else f"<= {num(self.hi)}"
+    rule: str
 
 
 TARGETS: tuple[Target, ...] = (
-    Target("stage1_margin", "stage-1 margin over the best trivial baseline", lo=0.20,
-           percent=True),
-    Target("diversity_ratio", "diversity ratio, generated / real", lo=0.5, hi=1.5),
-    Target("frechet_ratio", "Fréchet ratio, generated / train-vs-real", hi=2.0),
-    Target("flatness_ratio", "spectral flatness, generated / real", lo=0.5, hi=2.0),
-    Target("audit_verdict", "audit verdict", forbid=("trouble",)),
+    Target("stage1_margin", "stage-1 margin over the best trivial baseline",
+           f">= {lt.STAGE1_MARGIN:.0%}"),
+    Target("stage1_order_gain", "stage-1 loss increase with input order permuted",
+           f">= {lt.ORDER_GAIN:.0%}"),
+    *(Target(t.key, t.label, t.rule) for t in lt.STAGE3),
+    Target("audit_verdict", "audit verdict", 'not "trouble"'),
 )
 
 
@@ -85,18 +70,21 @@ class CorpusRun:
 
 @dataclass
 class Figures:
-    """What one run folder shows: target figures, the other numbers, and what failed."""
-    values: dict[str, float | str | None]
+    """What one run folder shows: each target's (value, met), the stage-1 and stage-3
+    tables, the gates and what failed."""
+    values: dict[str, tuple[float | str | None, bool]]
     best_val: Optional[float] = None
-    baseline: Optional[tuple[str, float]] = None
-    flatness: Optional[tuple[float, float]] = None
-    extra: dict[str, float] = field(default_factory=dict)
-    gates: dict[str, Optional[tuple[bool, str]]] = field(default_factory=dict)
+    baselines: dict[str, float] = field(default_factory=dict)
+    probe: dict = field(default_factory=dict)
+    table: dict = field(default_factory=dict)
+    twins_missed: dict[str, list[str]] = field(default_factory=dict)
+    picks: int = 0
+    gates: dict[str, Optional[tuple[str, str]]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
     def misses(self) -> list[Target]:
         """The targets this run did not meet (a missing figure is a miss)."""
-        return [t for t in TARGETS if not t.met(self.values.get(t.key))]
+        return [t for t in TARGETS if not self.values.get(t.key, (None, False))[1]]
 
 
 # --- reading a run folder --------------------------------------------------------------
@@ -186,32 +174,38 @@ def step_problems(run: CorpusRun, steps: dict) -> list[str]:
     return out
 
 
+def gate_reading(gate: Optional[dict]) -> Optional[tuple[str, str]]:
+    """(passed | warned | FAILED, reason) of a gate.json, None when there is none."""
+    if gate is None or "passed" not in gate:
+        return None
+    word = "passed" if gate["passed"] else ("warned" if gate.get("warned") else "FAILED")
+    return word, str(gate.get("reason", ""))
+
+
 def measure(run: CorpusRun) -> Figures:
     """Every figure of the report for one run folder (missing or stale files give None)."""
     steps = _steps(run.run_dir)
-    fig = Figures(values={t.key: None for t in TARGETS})
+    fig = Figures(values={})
     fig.best_val = best_val_loss(run, steps)
-    bases = {k[len("val_baseline_"):]: v for k, v in
-             (_json(run, "stage1", rf.BASELINES, steps) or {}).items()
-             if k.startswith("val_baseline_") and _num(v) is not None and math.isfinite(v)}
-    if bases:
-        fig.baseline = min(bases.items(), key=lambda kv: kv[1])
-        if fig.best_val is not None and fig.baseline[1] > 0:
-            fig.values["stage1_margin"] = 1.0 - fig.best_val / fig.baseline[1]
-    metrics = (_json(run, rf.EVALUATE, rf.EVALUATE_METRICS, steps) or {}).get("metrics") or {}
-    for key in ("diversity_ratio", "frechet_ratio"):
-        fig.values[key] = _num(metrics.get(key))
-    gen, real = _num(metrics.get("flatness_generated")), _num(metrics.get("flatness_real"))
-    if gen is not None and real is not None:
-        fig.flatness = (gen, real)
-        fig.values["flatness_ratio"] = gen / real if real > 0 else None
-    fig.extra = {k: float(v) for k, v in metrics.items()
-                 if any(w in k for w in EXTRA_WORDS) and _num(v) is not None}
-    fig.values["audit_verdict"] = audit_verdict(run, steps)
+    fig.baselines = {k[len("val_baseline_"):]: v for k, v in
+                     (_json(run, "stage1", rf.BASELINES, steps) or {}).items()
+                     if k.startswith("val_baseline_") and _num(v) is not None and math.isfinite(v)}
+    fig.probe = _json(run, "stage1", rf.ORDER_PROBE, steps) or {}
+    for row in lt.judge_stage1(fig.best_val, fig.baselines, _num(fig.probe.get("order_gain"))):
+        fig.values[row["key"]] = (row["value"], row["met"])
+    evaluated = _json(run, rf.EVALUATE, rf.EVALUATE_METRICS, steps) or {}
+    fig.table = evaluated.get("table") or {}
+    fig.picks = len(evaluated.get("picks") or [])
+    for row in lt.judge_stage3(fig.table):
+        fig.values[row["key"]] = (row["value"], row["met"])
+    for name in SETS[1:4]:
+        for row in lt.judge_stage3(fig.table, name):
+            if not row["met"]:
+                fig.twins_missed.setdefault(row["key"], []).append(name)
+    verdict = audit_verdict(run, steps)
+    fig.values["audit_verdict"] = (verdict, verdict is not None and verdict != "trouble")
     for stage in STAGES:
-        gate = _json(run, stage, rf.GATE, steps)
-        fig.gates[stage] = (None if gate is None or "passed" not in gate
-                            else (bool(gate["passed"]), str(gate.get("reason", ""))))
+        fig.gates[stage] = gate_reading(_json(run, stage, rf.GATE, steps))
     fig.problems = step_problems(run, steps)
     return fig
 
@@ -238,56 +232,102 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def _percent(key: str) -> bool:
+    return key.startswith("stage1_")
+
+
 def miss_lines(run: CorpusRun, fig: Figures) -> list[str]:
     """One line per target the run missed, with its figure and the target."""
-    return [f"{run.name}: {t.label} = {_fmt(fig.values.get(t.key), t.percent)} "
-            f"(target {t.text()})" for t in fig.misses()]
+    return [f"{run.name}: {t.label} = {_fmt(fig.values.get(t.key, (None,))[0], _percent(t.key))} "
+            f"(target {t.rule})" for t in fig.misses()]
+
+
+def _stat(stat: Optional[dict]) -> str:
+    if not stat:
+        return "n/a"
+    spread = f" ±{stat['std']:.2g}" if stat.get("picks", 1) > 1 else ""
+    return f"{stat['mean']:.3g}{spread}"
+
+
+def stage3_table(fig: Figures) -> list[str]:
+    """The generator beside its three trivial twins and real music, one row per figure;
+    a target row marks each set PASS or MISS."""
+    judged = {name: {r["key"]: r["met"] for r in lt.judge_stage3(fig.table, name)}
+              for name in SETS[:4]}
+    lines = ["| figure | " + " | ".join(SETS) + " |", "|---" * (len(SETS) + 1) + "|"]
+    for key, label in STAGE3_ROWS:
+        cells = []
+        for name in SETS:
+            cell = _stat(fig.table.get(name, {}).get(key))
+            if key in judged.get(name, {}) and name != "real":
+                cell += " PASS" if judged[name][key] else " **MISS**"
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def stage1_table(fig: Figures) -> list[str]:
+    """Stage 1's val loss beside every trivial baseline, with the order probe."""
+    best = min(fig.baselines.values()) if fig.baselines else None
+    lines = ["| predictor | val loss | vs the best baseline |", "|---|---|---|"]
+
+    def margin(v: Optional[float]) -> str:
+        return "n/a" if v is None or not best else f"{1 - v / best:+.1%}"
+    lines.append(f"| stage 1 (best.pt) | {_fmt(fig.best_val)} | {margin(fig.best_val)} |")
+    for name, value in sorted(fig.baselines.items(), key=lambda kv: kv[1]):
+        lines.append(f"| baseline `{name}` | {value:.4g} | {margin(value)} |")
+    p = fig.probe
+    if p:
+        lines.append(f"| stage 1, input frames permuted | {_fmt(_num(p.get('val_loss_permuted')))}"
+                     f" | order gain {_fmt(_num(p.get('order_gain')), True)} |")
+        lines += ["", f"Within-song retrieval of the true continuation: "
+                  f"{_fmt(_num(p.get('retrieval_accuracy')))} top-1 (chance "
+                  f"{_fmt(_num(p.get('retrieval_chance')))}, {p.get('pairs', 'n/a')} pairs)."]
+    return lines
 
 
 def build_report(runs: Sequence[CorpusRun], command: str, date: str, commit: str) -> str:
-    """The learning report (markdown) for the run folders: one table, a column per corpus."""
+    """The learning report (markdown): a summary of the targets, a column per corpus; then
+    per corpus the generator beside its trivial twins and stage 1 beside its baselines."""
     figs = [measure(r) for r in runs]
-    extra = sorted({k for f in figs for k in f.extra}) or ["precision", "recall", "density",
-                                                           "coverage"]
-    head = "| measurement | target | " + " | ".join(f"{_cell(r.name)} | met" for r in runs) + " |"
     lines = ["# Learning check", "",
              f"Produced by `{command}` on {date} at commit {commit}. Each corpus is one run of "
              "`pipeline.run demo` (local executor) with the command's experiment, on a corpus "
-             "generated by `data_prep/corpus.py` with that run's seed. Figures from stage 3 are "
-             "the pure-noise generator's (`runs/<run>/evaluate/metrics.json`). A figure that is "
-             "missing, or left from an earlier run, is n/a and misses its target.", "",
-             head, "|" + "---|" * (2 + 2 * len(runs))]
-
-    def row(label: str, target: str, cells: list[tuple[str, str]]) -> None:
-        lines.append(f"| {_cell(label)} | {_cell(target)} | "
-                     + " | ".join(f"{_cell(v)} | {m}" for v, m in cells) + " |")
-
-    row("run folder", "", [(f"`{_shown(r.run_dir)}`", "") for r in runs])
-    row("stage-1 best val loss", "", [(_fmt(f.best_val), "") for f in figs])
-    row("best trivial baseline", "", [(f"{_fmt(f.baseline[1])} ({f.baseline[0]})"
-                                       if f.baseline else "n/a", "") for f in figs])
+             "generated by `data_prep/corpus.py` with that run's seed. Stage-3 figures "
+             "(`runs/<run>/evaluate/metrics.json`) are the noise generator's, each beside the "
+             "same figure for its three trivial twins (its own input noise decoded as generation "
+             "decodes, white noise at the data's level, real held-out clips with their frames "
+             "shuffled in time) and for real held-out music; each is the mean over the picks, "
+             "± its spread. A target is met only where the generator reaches it; a twin that "
+             "reaches a target would show the target proves nothing. A figure that is missing, "
+             "or left from an earlier run, is n/a and misses its target.", "",
+             "| target | rule | " + " | ".join(f"{_cell(r.name)} | met" for r in runs) + " |",
+             "|" + "---|" * (2 + 2 * len(runs))]
     for t in TARGETS:
         cells = []
         for f in figs:
-            value = _fmt(f.values.get(t.key), t.percent)
-            if t.key == "flatness_ratio" and f.flatness and f.values[t.key] is not None:
-                value += f" ({f.flatness[0]:.3g} / {f.flatness[1]:.3g})"
-            cells.append((value, "PASS" if t.met(f.values.get(t.key)) else "**MISS**"))
-        row(t.label, t.text(), cells)
-    for key in extra:
-        row(key, "", [(_fmt(f.extra.get(key)), "") for f in figs])
-    for stage in STAGES:
-        row(f"{stage} gate", "", [("n/a" if f.gates.get(stage) is None else
-                                   f"{'passed' if f.gates[stage][0] else 'FAILED'}: "
-                                   f"{f.gates[stage][1]}", "") for f in figs])
-    row("wall time", "", [(f"{r.wall_s:.0f} s" if r.wall_s is not None else "n/a", "")
-                          for r in runs])
-    row("what failed", "", [("; ".join(r.notes + f.problems) or "nothing", "")
-                            for r, f in zip(runs, figs)])
-    met = sum(t.met(f.values.get(t.key)) for f in figs for t in TARGETS)
+            value, met = f.values.get(t.key, (None, False))
+            cells.append(f"{_fmt(value, _percent(t.key))} | {'PASS' if met else '**MISS**'}")
+        lines.append(f"| {_cell(t.label)} | {_cell(t.rule)} | " + " | ".join(cells) + " |")
+    met = sum(f.values.get(t.key, (None, False))[1] for f in figs for t in TARGETS)
     lines += ["", f"Targets met: {met} of {len(TARGETS) * len(runs)}."]
     misses = [line for r, f in zip(runs, figs) for line in miss_lines(r, f)]
     lines += (["", "Missed:", ""] + [f"- {_cell(m)}" for m in misses]) if misses else []
+    for run, fig in zip(runs, figs):
+        lines += ["", f"## {run.name}", "", f"Run folder `{_shown(run.run_dir)}`; wall time "
+                  f"{f'{run.wall_s:.0f} s' if run.wall_s is not None else 'n/a'}; "
+                  f"{fig.picks or 'n/a'} pick(s).", "", "### Stage 3 beside its trivial twins", ""]
+        lines += stage3_table(fig) if fig.table else ["n/a: no evaluation from this run."]
+        twins = [f"{key}: missed by {', '.join(names)}" for key, names in fig.twins_missed.items()]
+        lines += ["", "Twins that miss each stage-3 target: " + ("; ".join(twins) or "none")]
+        lines += ["", "### Stage 1 beside its trivial baselines", ""] + stage1_table(fig)
+        lines += ["", "### Gates and audit", ""]
+        for stage in STAGES:
+            gate = fig.gates.get(stage)
+            lines.append(f"- {stage} gate: " + ("n/a" if gate is None else
+                                                f"{gate[0]}: {_cell(gate[1])}"))
+        lines.append(f"- audit verdict: {_fmt(fig.values['audit_verdict'][0])}")
+        lines.append(f"- what failed: {'; '.join(run.notes + fig.problems) or 'nothing'}")
     lines.append("")
     return "\n".join(lines)
 

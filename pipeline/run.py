@@ -248,6 +248,25 @@ def demo_report(cfg: Config, run_dir: Path) -> None:
     print(f"MLflow store  : {uri}")
     print(f"runs table    : {tracking.runs_page(cfg)}")
     print(f"look at it    : .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000")
+    learning_report(run_dir)
+
+
+def learning_report(run_dir: Path) -> None:
+    """What the run learned: the evaluation's table against real music and the trivial
+    twins, stage 1 against its baselines, every gate missed with a warning, the audit."""
+    verdict = rf.evaluate_verdict(run_dir)
+    if verdict.exists():
+        print(f"\nwhat the run learned, against real music and its trivial twins ({verdict}):")
+        print(verdict.read_text(), end="")
+    for stage in rf.STAGES:
+        gate = rf.read_json(rf.stage_file(run_dir, stage, rf.GATE)) or {}
+        if gate.get("warned"):
+            print(f"{stage} gate MISSED (warned, the chain went on): {gate.get('reason', '')}")
+    reading = rf.audit_reading(run_dir)
+    if reading.exists():
+        found = [l for l in reading.read_text().splitlines() if l.startswith("verdict:")]
+        if found:
+            print(f"audit {found[-1]} ({reading})")
 
 
 def data_report(run_dir: Path) -> None:

@@ -265,3 +265,11 @@ def audit_reading(run_dir: Path) -> Path:
 def evaluate_metrics(run_dir: Path) -> Path:
     """evaluate/metrics.json."""
     return step_dir(run_dir, EVALUATE) / EVALUATE_METRICS
+
+
+EVALUATE_VERDICT = "verdict.txt"   # the headline table against the twins, and the verdict
+
+
+def evaluate_verdict(run_dir: Path) -> Path:
+    """evaluate/verdict.txt."""
+    return step_dir(run_dir, EVALUATE) / EVALUATE_VERDICT

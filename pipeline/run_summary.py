@@ -137,11 +137,19 @@ def audit_results(cfg: Config, run_dir: Path, step: str) -> Results:
     return {}, ({"audit.verdict": verdicts[-1]} if verdicts else {})
 
 
+EVALUATE_HEADLINE = ("two_sample_accuracy", "two_sample_accuracy_prior", "periodicity",
+                     "periodicity_real", "rms_db_diff", "precision", "recall",
+                     "frechet_ratio", "diversity_ratio", "flatness_ratio")
+
+
 def evaluate_results(cfg: Config, run_dir: Path, step: str) -> Results:
-    """The evaluation's ratios (generated vs real, 1 = like the real data) as eval/<name>."""
-    figures = _json(rf.evaluate_metrics(run_dir)).get("metrics", {})
-    return {f"eval/{k}": v for k, v in figures.items()
-            if k.endswith("_ratio") and isinstance(v, (int, float))}, {}
+    """The evaluation's headline figures (the generator's, with the prior's two-sample
+    accuracy and real music's periodicity beside them) as eval/<name>, and its verdict."""
+    record = _json(rf.evaluate_metrics(run_dir))
+    figures = record.get("metrics", {})
+    tags = {"evaluate.verdict": record["verdict"]} if record.get("verdict") else {}
+    return {f"eval/{k}": figures[k] for k in EVALUATE_HEADLINE
+            if isinstance(figures.get(k), (int, float))}, tags
 
 
 def generate_results(cfg: Config, run_dir: Path, step: str) -> Results:

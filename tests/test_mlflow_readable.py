@@ -116,7 +116,8 @@ def test_finished_steps_put_their_headline_results_on_the_parent(tmp_path):
     (run_dir / "stage1" / "model_size.json").write_text(json.dumps({"generator_params": 12345}))
     (run_dir / "evaluate").mkdir()
     (run_dir / "evaluate" / "metrics.json").write_text(json.dumps(
-        {"metrics": {"frechet_ratio": 1.4, "diversity_ratio": 0.9, "frechet_train_vs_real": 5.0}}))
+        {"metrics": {"frechet_ratio": 1.4, "diversity_ratio": 0.9, "two_sample_accuracy": 0.97,
+                     "two_sample_accuracy_white": 1.0}, "verdict": "the generator misses 4 of 4"}))
     (run_dir / "audit").mkdir()
     (run_dir / "audit" / "reading.txt").write_text("audit of ...\nverdict: healthy\n- fine\n")
     for step in ("stage1", "evaluate", "audit/gen_epoch_3"):
@@ -128,7 +129,9 @@ def test_finished_steps_put_their_headline_results_on_the_parent(tmp_path):
     assert parent.metrics["stage1/gate_passed"] == 1.0
     assert parent.metrics["stage1/generator_params"] == 12345   # what the trainer recorded
     assert parent.metrics["eval/frechet_ratio"] == 1.4
-    assert "eval/frechet_train_vs_real" not in parent.metrics   # ratios only
+    assert parent.metrics["eval/two_sample_accuracy"] == 0.97
+    assert "eval/two_sample_accuracy_white" not in parent.metrics   # headline figures only
+    assert parent.tags["evaluate.verdict"] == "the generator misses 4 of 4"
     assert parent.tags["audit.verdict"] == "healthy"
 
 
@@ -136,9 +139,9 @@ def test_a_step_skipped_as_complete_puts_its_results_on_the_parent(tmp_path):
     cfg = make_cfg(tmp_path)
     run_dir = tmp_path / "runs" / "t"
     (run_dir / "evaluate").mkdir(parents=True)
-    (run_dir / "evaluate" / "metrics.json").write_text(json.dumps({"metrics": {"step_ratio": 1.2}}))
+    (run_dir / "evaluate" / "metrics.json").write_text(json.dumps({"metrics": {"periodicity": 0.2}}))
     tracking.log_step_results(cfg, run_dir, "evaluate")
-    assert client_of(cfg).get_run(parent_of(run_dir)).data.metrics["eval/step_ratio"] == 1.2
+    assert client_of(cfg).get_run(parent_of(run_dir)).data.metrics["eval/periodicity"] == 0.2
 
 
 def test_a_failed_step_puts_nothing_on_the_parent(tmp_path):
