@@ -6,6 +6,10 @@ with stride 1, the rest with `stride`) with LeakyReLU, pooled over time, optiona
 by minibatch-discrimination features (Salimans et al. 2016), and mapped to one logit per
 sample. Spectral norm wraps every conv and linear layer when configured.
 
+With `dilated_layers` > 0 residual convs with dilation 2, 4, 8, ... follow the strided
+stack, so each position sees several bars before the time mean (`receptive_field` counts
+the frames at the input's rate); without them the coarsest scale sees under one second.
+
 Minibatch discrimination makes each sample's logit depend on the other samples of the
 batch (their content, not their number: the features are a mean over the other samples), so
 score real and fake batches in separate calls. The audit also scores with the per-rank
@@ -59,6 +63,10 @@ class SubDiscriminator(nn.Module):
                 in_channels if i == 0 else cfg.channels, cfg.channels, cfg.kernel_size,
                 stride=1 if i == 0 else cfg.stride, padding=cfg.kernel_size // 2), sn))
         self.convs = nn.ModuleList(convs)
+        self.dilated = nn.ModuleList(_maybe_sn(nn.Conv1d(
+            cfg.channels, cfg.channels, cfg.kernel_size, dilation=2 ** (i + 1),
+            padding=2 ** (i + 1) * (cfg.kernel_size // 2)), sn)
+            for i in range(cfg.dilated_layers))
         self.minibatch = (MinibatchDiscrimination(cfg.channels, cfg.minibatch_features,
                                                   cfg.minibatch_kernel_dim, sn)
                           if cfg.minibatch_features > 0 else None)
@@ -71,10 +79,24 @@ class SubDiscriminator(nn.Module):
         for conv in self.convs:
             x = F.leaky_relu(conv(x), self.slope)
             feats.append(x)
+        for conv in self.dilated:
+            x = x + F.leaky_relu(conv(x), self.slope)
+            feats.append(x)
         pooled = x.mean(dim=-1)
         if self.minibatch is not None:
             pooled = torch.cat([pooled, self.minibatch(pooled)], dim=1)
         return self.head(pooled).squeeze(-1), feats
+
+
+def receptive_field(cfg: DiscriminatorConfig, scale: int) -> int:
+    """Input frames that one position of a sub-discriminator's last feature map sees."""
+    span, jump = scale, scale               # the average pool by `scale`
+    for i in range(cfg.layers):
+        span += (cfg.kernel_size - 1) * jump
+        jump *= 1 if i == 0 else cfg.stride
+    for i in range(cfg.dilated_layers):
+        span += (cfg.kernel_size - 1) * 2 ** (i + 1) * jump
+    return span
 
 
 class MultiScaleDiscriminator(nn.Module):
@@ -87,6 +109,9 @@ class MultiScaleDiscriminator(nn.Module):
         if cfg.layers < 1 or cfg.channels < 1 or cfg.stride < 1:
             raise ValueError("model.discriminator.layers, .channels and .stride must be >= 1, "
                              f"got {cfg.layers}, {cfg.channels}, {cfg.stride}")
+        if cfg.dilated_layers < 0:
+            raise ValueError(f"model.discriminator.dilated_layers must be >= 0, got "
+                             f"{cfg.dilated_layers}")
         if cfg.minibatch_features < 0 or (cfg.minibatch_features and cfg.minibatch_kernel_dim < 1):
             raise ValueError("model.discriminator.minibatch_features must be >= 0 and "
                              "minibatch_kernel_dim >= 1 when it is on, got "

@@ -28,6 +28,7 @@ from pipeline.schema import Config
 
 MODES = ("continuation", "creative")
 PARTS = ("transformer", "vae", "gan")
+SKIPS = ("mean", "learned", "none")
 # RMS restoration clamp of the PowerMuse cascade (from the spec, a constant of the method).
 RMS_SCALE_MIN = 0.7
 RMS_SCALE_MAX = 1.5
@@ -62,7 +63,8 @@ class Generator(nn.Module):
         self.parts = list(parts)
         self.cascade_stages = tr.cascade_stages
         self.core = LatentTransformer(tr)
-        self.vae = HierarchicalVae(cfg.model.vae, tr.d_model) if "vae" in parts else None
+        self.vae = (HierarchicalVae(cfg.model.vae, tr.d_model, tr.latent_dim)
+                    if "vae" in parts else None)
         self.agent = CreativeAgent(tr) if creative else None
         self.fuse = nn.ModuleList(
             nn.Linear((2 if k == 0 else 3) * tr.latent_dim, tr.latent_dim)
@@ -73,6 +75,12 @@ class Generator(nn.Module):
         self.register_buffer("latent_mean", torch.zeros(tr.latent_dim))
         self.register_buffer("latent_song_sqrt", torch.eye(tr.latent_dim))
         self.register_buffer("latent_frame_sqrt", torch.eye(tr.latent_dim))
+        self.skip = cfg.model.generator.skip
+        if self.skip not in SKIPS:
+            raise ValueError(f"model.generator.skip must be one of {SKIPS}, got {self.skip!r}")
+        # learned skip: per-channel gate on the input's deviation from the data's mean
+        self.skip_gate = (nn.Parameter(torch.ones(tr.latent_dim, 1))
+                          if self.skip == "learned" else None)
 
     def set_latent_stats(self, mean: Tensor, song_sqrt: Tensor, frame_sqrt: Tensor) -> None:
         """Store the training latents' mean [C] and the square roots [C, C] of their
@@ -98,7 +106,10 @@ class Generator(nn.Module):
         The output is the core's prediction PLUS the per-channel time mean of `x`: the
         network predicts the deviation from the chunk's average level (spectrum), so it
         starts from "keep the input's average level" instead of spending its first epochs
-        learning offsets (log-mel latents sit around -5). The skip has no parameters.
+        learning offsets (log-mel latents sit around -5). That skip (model.generator.skip
+        mean) has no parameters; `level` has the others, which hold the data's level
+        without passing the noise's song spectrum straight through. The conv VAE decoder
+        refines the output before the skip is added.
         Under the pure-GAN curriculum the skip carries the noise's level: the seed's
         zero-mean noise shrinks it to 0, the "data" noise keeps the data's level and each
         sample's song-level spectrum. `sample` draws the VAE latents even in eval mode.
@@ -108,8 +119,23 @@ class Generator(nn.Module):
         if self.vae is not None:
             bottleneck = self.vae(h, sample)
             h, out["kl"] = bottleneck["hidden"], bottleneck["kl"]
-        out["output"] = self.core.decode(h) + x.mean(dim=-1, keepdim=True)
+        decoded = self.core.decode(h)
+        if self.vae is not None:
+            decoded = self.vae.refine(decoded)
+        out["output"] = decoded + self.level(x)
         return out
+
+    def level(self, x: Tensor) -> Tensor:
+        """What the skip adds to the network's output, [B or 1, C, 1] (model.generator.skip):
+        mean: the input's time mean; none: the training data's mean (nothing of the input);
+        learned: the data's mean + a learned per-channel gate (from 1) times the input's
+        time mean's deviation from it."""
+        if self.skip == "mean":
+            return x.mean(dim=-1, keepdim=True)
+        data = self.latent_mean.view(1, -1, 1).to(x.dtype)
+        if self.skip == "none":
+            return data
+        return data + self.skip_gate * (x.mean(dim=-1, keepdim=True) - data)
 
     def forward(self, inputs: Tensor, targets: Tensor | None, mode: str,
                 anti_cheat_noise: float = 0.0, sample: bool = False) -> dict[str, Tensor]:

@@ -33,6 +33,8 @@ What the output is compared with:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -105,6 +107,20 @@ def output_range_penalty(output: Tensor, reference: Tensor) -> Tensor:
     return (F.relu(output - (hi + margin)).pow(2) + F.relu((lo - margin) - output).pow(2)).mean()
 
 
+def level_of(x: Tensor, codec: str) -> Tensor:
+    """Each sample's level [B]: mel, the log of its mean mel power (natural-log latents,
+    so what the decoded loudness follows); EnCodec, the log of its latents' RMS."""
+    if codec == "mel":
+        return torch.logsumexp(x.flatten(1), dim=1) - math.log(x[0].numel())
+    return 0.5 * torch.log(x.flatten(1).pow(2).mean(dim=1) + EPS)
+
+
+def level_gap(output: Tensor, reference: Tensor, codec: str) -> Tensor:
+    """|batch-mean level of the output - that of the reference| (a batch statistic, so at
+    curriculum alpha 1 it asks for the data's loudness, not each target's)."""
+    return (level_of(output, codec).mean() - level_of(reference, codec).mean()).abs()
+
+
 def standardise(x: Tensor) -> Tensor:
     """Each channel of [B, C, T] minus its time mean, over its time std (floored at
     STD_FLOOR x the sample's mean channel std): the time pattern without level or scale."""
@@ -140,7 +156,8 @@ def generator_losses(out: dict[str, Tensor], inputs: Tensor, targets: Tensor,
     complementarity, mask_in_mean, mask_tgt_mean (logged, not in the total). With the VAE:
     kl (free-bits floored sum, in the total as kl_weight * beta * kl), kl_raw and
     kl_level_<i> (raw, per level). With codec "mel" and loss.freq_weighted, the
-    reconstruction terms use MusicVAE's band weights.
+    reconstruction terms use MusicVAE's band weights. With loss.level > 0: level, the gap
+    between the batch's level and the targets' (decoded loudness for mel), never faded.
     """
     if codec not in CODECS:
         raise ValueError(f"encode.codec must be one of {CODECS}, got {codec!r}")
@@ -193,6 +210,10 @@ def generator_losses(out: dict[str, Tensor], inputs: Tensor, targets: Tensor,
             "output_range": output_range_penalty(output, targets),
         }
         total = paired_total(terms, stage)
+
+    if lc.level > 0:   # not a paired term: stage 3's curriculum does not fade it
+        terms["level"] = level_gap(output, targets, codec)
+        total = total + lc.level * terms["level"]
 
     if "kl" in out:
         if stage.kl is None:

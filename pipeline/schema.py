@@ -101,6 +101,9 @@ class VaeModelConfig:
     levels: int               # hierarchy depth (3)
     latent_channels: int
     downsample: list          # time downsampling factor per level, e.g. [2, 4, 8]
+    decoder: str = "linear"   # linear (levels repeated up, summed) | conv (interpolated, then
+                              # residual convs before and after the output projection)
+    decoder_layers: int = 3   # conv decoder: dilated residual blocks (dilation 1, 2, 4, ...)
 
 
 @dataclass
@@ -114,6 +117,15 @@ class DiscriminatorConfig:
     kernel_size: int          # conv kernel over time (odd)
     stride: int               # time stride of every conv after the first
     leaky_slope: float        # LeakyReLU negative slope
+    dilated_layers: int = 0   # residual dilated convs (dilation 2, 4, 8, ...) after the strided
+                              # stack: a receptive field of several bars (0 = off)
+
+
+@dataclass
+class GeneratorConfig:
+    skip: str = "mean"        # mean (the input's time mean added to the output) | learned
+                              # (the data's mean + a per-channel gate, from 1, on the input's
+                              # deviation from it) | none (the data's mean only)
 
 
 @dataclass
@@ -121,6 +133,7 @@ class ModelConfig:
     transformer: TransformerConfig
     vae: VaeModelConfig
     discriminator: DiscriminatorConfig
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
 
 @dataclass
@@ -137,6 +150,8 @@ class LossConfig:
     overlap: float            # mean(m_in * m_tgt): pushes the masks apart
     temporal_diversity: float
     min_mask_std: float       # hinge level for the temporal-diversity term
+    level: float = 0.0        # batch level (mel: decoded log power) vs the targets'; not
+                              # faded by the stage-3 curriculum (0 = off)
 
 
 @dataclass
