@@ -10,6 +10,10 @@ per stage, so names do not change between stages of one run. In a config that mi
 a continuation stage leaves them idle: `Generator.idle_parameters(mode)` tells the trainer
 to wrap it in DDP with find_unused_parameters=True.
 
+Stage 1's next-frame objective (jobs/next_frame.py) adds `next_frame.*` (its guide
+projection) when any stage of the config has objective next_frame, for the same reason;
+forward's modes "teacher_forced" and "free_running" run the core causally.
+
 Creative cascade (PowerMuse): the cascade shares the one core; cascade stage k first fuses
 its channel-concatenated view with `fuse.<k>` (a per-frame linear map back to 128 channels),
 then runs core (+ VAE). Stage 0 sees concat(m_in * input, m_tgt * target), stage k > 0
@@ -22,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from jobs.creative_agent import CreativeAgent
+from jobs.next_frame import FREE_RUNNING, OBJECTIVES, TEACHER_FORCED, NextFrame
 from jobs.transformer import LatentTransformer
 from jobs.vae import HierarchicalVae
 from pipeline.schema import Config
@@ -66,6 +71,7 @@ class Generator(nn.Module):
         self.vae = (HierarchicalVae(cfg.model.vae, tr.d_model, tr.latent_dim)
                     if "vae" in parts else None)
         self.agent = CreativeAgent(tr) if creative else None
+        self.next_frame = next_frame_module(cfg, self.parts)
         self.fuse = nn.ModuleList(
             nn.Linear((2 if k == 0 else 3) * tr.latent_dim, tr.latent_dim)
             for k in range(tr.cascade_stages)) if creative else None
@@ -98,7 +104,8 @@ class Generator(nn.Module):
 
     def idle_parameters(self, mode: str) -> bool:
         """True when some parameters get no gradient in `mode` (DDP needs to know)."""
-        return mode == "continuation" and self.agent is not None
+        guided = self.next_frame is not None and self.next_frame.guide is not None
+        return mode == "continuation" and (self.agent is not None or guided)
 
     def network(self, x: Tensor, sample: bool = False) -> dict[str, Tensor]:
         """One pass through core (+ VAE bottleneck): {"output"} (+ {"kl"}).
@@ -147,6 +154,8 @@ class Generator(nn.Module):
         while training, so later stages cannot simply copy the target. `sample` draws the
         VAE latents in eval mode too (generation from noise, as stage 3 trained).
         """
+        if mode in (TEACHER_FORCED, FREE_RUNNING):
+            return {"output": self.next_frames(inputs, targets, mode)}
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "continuation":
@@ -181,6 +190,19 @@ class Generator(nn.Module):
             out["kl"] = torch.stack(kls).mean(dim=0)
         return out
 
+    def next_frames(self, inputs: Tensor, targets: Tensor | None, mode: str) -> Tensor:
+        """The next-frame objective's prediction of the target chunk [B, 128, T_out]:
+        teacher_forced (needs the targets) or free_running (the targets' length, else the
+        input's; call model.eval() first)."""
+        if self.next_frame is None:
+            raise ValueError(f"mode {mode!r} needs a stage with objective next_frame")
+        if mode == TEACHER_FORCED:
+            if targets is None:
+                raise ValueError("teacher forcing needs the targets")
+            return self.next_frame.teacher_forced(self.core, inputs, targets)
+        frames = inputs.shape[-1] if targets is None else targets.shape[-1]
+        return self.next_frame.free_running(self.core, inputs, frames)
+
     @torch.no_grad()
     def generate(self, noise: Tensor) -> Tensor:
         """Noise [B, 128, T] -> latents [B, 128, T]: continuation mode after the pure-GAN
@@ -190,6 +212,25 @@ class Generator(nn.Module):
         A creative generator makes music from (input, target) pairs instead: forward(...,
         "creative"); jobs.fakes.make_fakes picks the path a checkpoint was trained on."""
         return self.network(noise, sample=True)["output"]
+
+
+def next_frame_module(cfg: Config, parts: list[str]) -> NextFrame | None:
+    """The next-frame pieces when a stage of the config has objective next_frame (the first
+    such stage's settings), else None; that stage must train the transformer alone."""
+    stages = [getattr(cfg, s) for s in ("stage1", "stage2", "stage3")]
+    for scfg in stages:
+        if scfg.objective not in OBJECTIVES:
+            raise ValueError(f"stage objective must be one of {OBJECTIVES}, got "
+                             f"{scfg.objective!r}")
+    chosen = [s for s in stages if s.objective == "next_frame"]
+    if not chosen:
+        return None
+    if any(s.next_frame is None or s.enabled_parts != ["transformer"]
+           or s.mode != "continuation" for s in chosen):
+        raise ValueError("objective next_frame needs a next_frame section, enabled_parts "
+                         "[transformer] and mode continuation")
+    tr = cfg.model.transformer
+    return NextFrame(chosen[0].next_frame, tr.latent_dim, tr.d_model)
 
 
 def build_generator(cfg: Config, parts: list[str]) -> Generator:

@@ -8,6 +8,9 @@ the val pairs, written to order_probe.json and read by the gate (`min_order_gain
   against every val chunk of the target's song (the inputs and targets of that song's val
   pairs); top-1 when the true continuation scores strictly lowest. Chance is 1 / #candidates.
 
+Under the next_frame objective both outputs are free-running continuations (from the input
+in order, and from the permuted input), as validation scores them.
+
 Each rank probes its share of the val pairs (the validation sampler's) and the sums are
 all-reduced, so every rank returns the same figures. The global RNG is never drawn from.
 """
@@ -21,6 +24,7 @@ from torch import Tensor, nn
 
 from jobs import checkpoint, distributed
 from jobs.losses import generator_losses
+from jobs.next_frame import eval_mode
 from jobs.pair_data import GlobalBatchSampler, PairDataset
 from jobs.train_context import Context
 from pipeline import run_folder as rf
@@ -75,6 +79,7 @@ def probe_pairs(ctx: Context, model: nn.Module, val_set: PairDataset,
     for index in indices:
         by_song.setdefault(val_set.pairs[index]["target_song"], []).append(index)
     step = max(1, ctx.scfg.batch_size // ctx.info.world_size)
+    mode = eval_mode(ctx.scfg)
     sums = [0.0] * 7
     for song, members in by_song.items():
         cands = torch.stack([torch.tensor(np.asarray(val_set.store.get(song, c)),
@@ -84,8 +89,8 @@ def probe_pairs(ctx: Context, model: nn.Module, val_set: PairDataset,
             inp = torch.stack([val_set[i][0] for i in batch]).to(device)
             mixed = permute_frames(inp, [seed * SEED_STRIDE + i for i in batch])
             with ctx.autocast():
-                out = model(inp, None, "continuation")["output"].float()
-                out_mixed = model(mixed, None, "continuation")["output"].float()
+                out = model(inp, None, mode)["output"].float()
+                out_mixed = model(mixed, None, mode)["output"].float()
             for k, index in enumerate(batch):
                 true = chunks[song].index(int(val_set.pairs[index]["target"]))
                 losses = per_sample_loss(ctx, out[k:k + 1].expand_as(cands), cands)

@@ -16,6 +16,10 @@ micro-batches; the validation loss is the stage's total generator loss with the 
 annealed (weight 1), so epochs compare on one objective; it is summed over all ranks'
 shards before anyone looks at it.
 
+Stage 1's objective (stage1.objective) is "chunk" (the target chunk in one pass) or
+"next_frame" (causal, teacher-forced in training, free-running in validation, so val_loss
+compares with the baselines; val_tf_loss is the teacher-forced loss; jobs/next_frame.py).
+
 Stage 1 in continuation mode also writes baselines.json (trivial yardsticks) and, after
 training, order_probe.json (jobs/order_probe.py: the best weights with the input's frames
 permuted, and within-song retrieval), which its gate reads.
@@ -229,7 +233,7 @@ def run_stage(cfg: Config, run_dir: Path, stage: str, info: distributed.DistInfo
             probe = probe_order(ctx, val_set, val_sampler, tracker, progress.epoch)
         if code == EXIT_OK:
             result = distributed.gather(evaluate_gate(   # rank 0's reading decides for all
-                scfg.gate, read_history(out_dir / rf.METRICS), base,
+                scfg.gate, read_history(out_dir / rf.METRICS), free_running(base),
                 free_bits=scfg.kl.free_bits if scfg.kl is not None else None,
                 d_pretrain_epochs=scfg.gan.d_pretrain_epochs if scfg.gan is not None else 0,
                 order_probe=probe), info)[0]
@@ -252,6 +256,12 @@ def run_stage(cfg: Config, run_dir: Path, stage: str, info: distributed.DistInfo
             print(f"[{stage}] {reason}", file=sys.stderr if code else sys.stdout)
     distributed.barrier(info)
     return code
+
+
+def free_running(base: dict[str, float]) -> dict[str, float]:
+    """The baselines the gate compares the val loss with: every val_baseline_* (the
+    teacher-forced val_tf_baseline_* yardsticks are for val_tf_loss only)."""
+    return {k: v for k, v in base.items() if k.startswith("val_baseline_")}
 
 
 def probe_order(ctx: Context, val_set: PairDataset, val_sampler: GlobalBatchSampler,

@@ -15,6 +15,7 @@ from jobs import distributed
 from jobs.curriculum import mix_noise
 from jobs.gan_losses import d_loss, feature_matching, g_adv_loss, moment_matching, r1_penalty
 from jobs.losses import generator_losses, paired_total
+from jobs.next_frame import train_mode
 from jobs.train_context import Context, no_sync
 from jobs.train_errors import NonFiniteLoss
 
@@ -90,8 +91,10 @@ def finish_generator_step(ctx: Context, epoch: int, batch: int) -> tuple[float, 
 
 def generator_step(ctx: Context, micros: list[Micro], epoch: int,
                    batch: int) -> dict[str, float]:
-    """Stages 1-2 (and stage 3's non-adversarial part): noisy views in, clean data in the loss."""
+    """Stages 1-2 (and stage 3's non-adversarial part): noisy views in, clean data in the loss.
+    Objective next_frame: teacher-forced (jobs/next_frame.py)."""
     s = ctx.schedules(epoch)
+    mode = train_mode(ctx.scfg)
     stats = ctx.g.noise_stats(ctx.scfg.curriculum.noise)
     ctx.opt_g.zero_grad(set_to_none=True)
     rows = []
@@ -100,7 +103,7 @@ def generator_step(ctx: Context, micros: list[Micro], epoch: int,
         tgt_view = mix_noise(tgt, s["alpha"], stats=stats)
         with no_sync(ctx.g_train, i < len(micros) - 1):
             with ctx.autocast():
-                out = ctx.g_train(in_view, tgt_view, ctx.scfg.mode, ctx.scfg.anti_cheat_noise)
+                out = ctx.g_train(in_view, tgt_view, mode, ctx.scfg.anti_cheat_noise)
                 terms = generator_losses(out, inp, tgt, ctx.scfg, ctx.codec["codec"],
                                          s["kl_weight"])
             rows.append(floats(terms))

@@ -3,12 +3,18 @@
 Latents [B, 128, T] are projected per frame to d_model, given sinusoidal positions, run
 through pre-norm encoder layers, and projected back to 128 channels. `encode` and `decode`
 are separate so that the stage-2 VAE can sit between them without renaming any parameter.
+
+The same layers run causally for stage 1's next-frame objective: `encode(..., causal=True)`
+for teacher forcing, and `extend` frame by frame with a key/value cache for free-running
+generation (the same weights, computed again by hand; tests/test_next_frame.py checks they
+agree).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.schema import TransformerConfig
@@ -49,16 +55,40 @@ class LatentTransformer(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model)
         self.out_proj = nn.Linear(cfg.d_model, cfg.latent_dim)
 
-    def encode(self, x: Tensor) -> Tensor:
-        """Latents [B, latent_dim, T] -> hidden frames [B, T, d_model]."""
+    def embed(self, x: Tensor, start: int = 0, extra: Tensor | None = None) -> Tensor:
+        """Latents [B, latent_dim, T] -> layer inputs [B, T, d_model] at positions start..;
+        `extra` [B, T, d_model] is added (the next-frame objective's guide features)."""
         if x.dim() != 3 or x.shape[1] != self.cfg.latent_dim:
             raise ValueError(f"expected latents [B, {self.cfg.latent_dim}, T], got {tuple(x.shape)}")
-        frames = x.shape[-1]
-        if frames > self.cfg.max_frames:
-            raise ValueError(f"{frames} frames exceed model.transformer.max_frames = "
+        end = start + x.shape[-1]
+        if end > self.cfg.max_frames:
+            raise ValueError(f"{end} frames exceed model.transformer.max_frames = "
                              f"{self.cfg.max_frames}")
-        h = self.in_proj(x.transpose(1, 2)) + self.positions[:frames]
-        return self.norm(self.layers(h))
+        h = self.in_proj(x.transpose(1, 2)) + self.positions[start:end]
+        return h if extra is None else h + extra
+
+    def encode(self, x: Tensor, causal: bool = False, extra: Tensor | None = None) -> Tensor:
+        """Latents [B, latent_dim, T] -> hidden frames [B, T, d_model]; `causal`: frame t
+        attends to frames <= t only."""
+        h = self.embed(x, 0, extra)
+        if not causal:
+            return self.norm(self.layers(h))
+        mask = nn.Transformer.generate_square_subsequent_mask(h.shape[1], device=h.device,
+                                                              dtype=h.dtype)
+        return self.norm(self.layers(h, mask=mask, is_causal=True))
+
+    def cache(self, batch: int, frames: int, like: Tensor) -> "KeyValueCache":
+        """An empty key/value cache for `frames` frames of `batch` sequences."""
+        return KeyValueCache(len(self.layers.layers), batch, self.cfg.heads,
+                             self.cfg.d_model // self.cfg.heads, frames, like)
+
+    def extend(self, h: Tensor, cache: "KeyValueCache") -> Tensor:
+        """Causal layers (eval: no dropout) over new layer inputs [B, n, d_model] that follow
+        the frames `cache` holds; the cache takes their keys and values. -> [B, n, d_model]."""
+        for i, layer in enumerate(self.layers.layers):
+            h = causal_layer(layer, h, cache, i)
+        cache.length += h.shape[1]
+        return self.norm(h)
 
     def decode(self, h: Tensor) -> Tensor:
         """Hidden frames [B, T, d_model] -> latents [B, latent_dim, T]."""
@@ -67,3 +97,37 @@ class LatentTransformer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Latents in, latents out, same shape."""
         return self.decode(self.encode(x))
+
+
+
+class KeyValueCache:
+    """Preallocated keys and values [layers, B, heads, frames, d_head] of the frames seen."""
+
+    def __init__(self, layers: int, batch: int, heads: int, d_head: int, frames: int,
+                 like: Tensor):
+        self.keys = like.new_zeros(layers, batch, heads, frames, d_head)
+        self.values = like.new_zeros(layers, batch, heads, frames, d_head)
+        self.length = 0
+
+
+def causal_layer(layer: nn.TransformerEncoderLayer, h: Tensor, cache: KeyValueCache,
+                 index: int) -> Tensor:
+    """One pre-norm encoder layer over new frames h [B, n, d] that attend causally to
+    themselves and to the cached frames; their keys and values go into the cache."""
+    attn = layer.self_attn
+    batch, new, d = h.shape
+    heads = attn.num_heads
+    q, k, v = F.linear(layer.norm1(h), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.reshape(batch, new, heads, d // heads).transpose(1, 2) for t in (q, k, v))
+    seen = cache.length
+    cache.keys[index, :, :, seen:seen + new] = k
+    cache.values[index, :, :, seen:seen + new] = v
+    k, v = cache.keys[index, :, :, :seen + new], cache.values[index, :, :, :seen + new]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d // heads)
+    if new > 1:   # new frame j (absolute seen + j) sees frames 0 .. seen + j
+        hidden = (torch.arange(seen + new, device=h.device).unsqueeze(0)
+                  > seen + torch.arange(new, device=h.device).unsqueeze(1))
+        scores = scores.masked_fill(hidden, float("-inf"))
+    a = scores.softmax(dim=-1) @ v
+    h = h + attn.out_proj(a.transpose(1, 2).reshape(batch, new, d))
+    return h + layer.linear2(F.gelu(layer.linear1(layer.norm2(h))))

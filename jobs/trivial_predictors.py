@@ -1,9 +1,17 @@
 """Parameter-free continuations of a latent chunk that know about musical structure: the
-input's own best period tiled on, and its last bar repeated. Pure functions on [B, C, T].
+input's own best period tiled on, its last bar repeated, its last frame held. Pure
+functions on [B, C, T].
 
-Both continue the input by tiling a stretch of its end: pred[t] = x[T - P + (t mod P)] for
-a period P per sample. `period_continuation` picks P by the input's autocorrelation,
-`last_bar_continuation` uses a fixed bar length.
+The first two continue the input by tiling a stretch of its end: pred[t] = x[T - P + (t mod
+P)] for a period P per sample. `period_continuation` picks P by the input's
+autocorrelation, `last_bar_continuation` uses a fixed bar length. `copy_last_continuation`
+holds the input's last frame.
+
+For the next-frame objective's teacher-forced loss, `lagged_frames` is the one-step-ahead
+yardstick: each target frame predicted by the TRUE frame `lag` frames before it in the
+input followed by the target (lag 1: copy the last frame; a bar: the frame one bar ago).
+Free-running, "the frame one bar ago" continues the input with its own predictions, which is
+`last_bar_continuation` exactly (pred[t] = pred[t - bar] = x[T - bar + (t mod bar)]).
 """
 from __future__ import annotations
 
@@ -30,13 +38,16 @@ def autocorrelation(x: Tensor, lo: int, hi: int) -> Tensor:
         raise ValueError(f"lags {lo}..{hi} do not fit an input of {frames} frames")
     x = x.double()
     x = x - x.mean(dim=-1, keepdim=True)
-    out = []
-    for lag in range(lo, hi + 1):
-        a, b = x[..., :frames - lag], x[..., lag:]
-        num = (a * b).sum(dim=(1, 2))
-        den = (a.pow(2).sum(dim=(1, 2)) * b.pow(2).sum(dim=(1, 2))).sqrt()
-        out.append(num / (den + EPS))
-    return torch.stack(out, dim=1)
+    # every lag's sum of products at once: the power spectrum's inverse (zero-padded, so
+    # nothing wraps around), summed over channels
+    spectrum = torch.fft.rfft(x, n=2 * frames, dim=-1)
+    products = torch.fft.irfft(spectrum.abs().pow(2), n=2 * frames, dim=-1).sum(dim=1)
+    energy = torch.cumsum(x.pow(2).sum(dim=1), dim=-1)              # [B, T]: up to frame t
+    lags = torch.arange(lo, hi + 1, device=x.device)
+    head = energy[:, frames - 1 - lags]                              # frames 0 .. T-lag-1
+    tail = energy[:, -1:] - energy[:, lags - 1]                      # frames lag .. T-1
+    num = products[:, lags]
+    return num / ((head * tail).clamp(min=0).sqrt() + EPS)
 
 
 def best_period(x: Tensor, lo: int, hi: int) -> Tensor:
@@ -64,3 +75,20 @@ def period_continuation(x: Tensor, lo: int, hi: int, frames: int) -> Tensor:
 def last_bar_continuation(x: Tensor, bar: int, frames: int) -> Tensor:
     """The input's last `bar` frames repeated (the bar before, again and again)."""
     return tile_end(x, bar, frames)
+
+
+def copy_last_continuation(x: Tensor, frames: int) -> Tensor:
+    """The input's last frame held for `frames` frames: pred[t] = x[T - 1]."""
+    return x[..., -1:].expand(*x.shape[:-1], frames)
+
+
+def lagged_frames(x: Tensor, y: Tensor, lag: Tensor | int) -> Tensor:
+    """[B, C, T_y]: each target frame's true predecessor `lag` frames back (per sample) in
+    the input x followed by the target y: pred[t] = concat(x, y)[T_x + t - lag]."""
+    batch, channels, length = x.shape
+    lag = torch.as_tensor(lag, dtype=torch.int64, device=x.device).expand(batch)
+    if bool((lag < 1).any()) or bool((lag > length).any()):
+        raise ValueError(f"lags must be in 1..{length}, got {lag.tolist()}")
+    seq = torch.cat([x, y], dim=-1)
+    index = length + torch.arange(y.shape[-1], device=x.device).unsqueeze(0) - lag.unsqueeze(1)
+    return seq.gather(2, index.unsqueeze(1).expand(batch, channels, -1))

@@ -1,5 +1,9 @@
 """Validation of a stage: the mean loss terms over every rank's share of the val pairs,
-stage 3's diversity from pure noise, and stage 1's trivial baselines on the same pairs."""
+stage 3's diversity from pure noise, and stage 1's trivial baselines on the same pairs.
+
+Under stage 1's next_frame objective "val_loss" is the free-running continuation's (the
+whole target from the input alone, comparable with the baselines) and "val_tf_loss" the
+teacher-forced one (each frame from the true frames before it)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -11,11 +15,13 @@ from jobs import distributed
 from jobs.curriculum import mix_noise
 from jobs.evaluate import rms_pairwise_distance, spread_sums
 from jobs.losses import generator_losses
+from jobs.next_frame import TEACHER_FORCED, eval_mode
 from jobs.pair_data import PairDataset
 from jobs.running_mean import Running
 from jobs.train_context import Context
 from jobs.train_step import floats
-from jobs.trivial_predictors import last_bar_continuation, period_continuation, period_range
+from jobs.trivial_predictors import (best_period, copy_last_continuation, lagged_frames,
+                                     last_bar_continuation, period_continuation, period_range)
 
 
 @torch.no_grad()
@@ -50,8 +56,12 @@ def validate(ctx: Context, loader: DataLoader, epoch: int) -> dict[str, float]:
         inp = inp.to(ctx.info.device, non_blocking=True)
         tgt = tgt.to(ctx.info.device, non_blocking=True)
         with ctx.autocast():
-            out = ctx.g(inp, tgt, ctx.scfg.mode)
+            out = ctx.g(inp, tgt, eval_mode(ctx.scfg))
             terms = generator_losses(out, inp, tgt, ctx.scfg, ctx.codec["codec"], 1.0)
+            if ctx.scfg.objective == "next_frame":
+                forced = ctx.g(inp, tgt, TEACHER_FORCED)
+                terms["tf_loss"] = generator_losses(forced, inp, tgt, ctx.scfg,
+                                                    ctx.codec["codec"], 1.0)["total"]
         values = floats(terms)
         values["loss"] = values.pop("total")
         if "kl" in values:   # the loss as trained this epoch (KL weight still annealing)
@@ -86,7 +96,12 @@ def baselines(ctx: Context, train_set: PairDataset, val_loader: DataLoader) -> d
     time-averaged spectrum (per channel) repeated over the target's frames; and, with the
     stage's `baselines` settings, period = the start chunk continued with its own best
     autocorrelation period (min_period_s .. half the chunk), last_bar = its last bar_s
-    seconds repeated (jobs/trivial_predictors.py)."""
+    seconds repeated, copy_last = its last frame held (jobs/trivial_predictors.py).
+
+    Under the next_frame objective, the teacher-forced loss's yardsticks too, named
+    val_tf_baseline_* (never the gate's: it judges the free-running val loss): each target
+    frame predicted by the true frame 1 frame (copy_last), a bar (bar_ago) or the input's
+    best period (period) before it."""
     info = ctx.info
     mean = ctx.g.latent_mean   # set from the training targets by latent_stats
     settings, rate = ctx.scfg.baselines, float(ctx.codec["frame_rate"])
@@ -95,14 +110,21 @@ def baselines(ctx: Context, train_set: PairDataset, val_loader: DataLoader) -> d
         inp, tgt = inp.to(info.device), tgt.to(info.device)
         frames = tgt.shape[-1]
         outputs = {"repeat": inp, "mean": mean.view(1, -1, 1).expand_as(tgt),
-                   "start_mean": inp.mean(dim=2, keepdim=True).expand_as(tgt)}
+                   "start_mean": inp.mean(dim=2, keepdim=True).expand_as(tgt),
+                   "copy_last": copy_last_continuation(inp, frames)}
+        forced = {}
         if settings is not None:
             lo, hi = period_range(inp.shape[-1], rate, settings.min_period_s)
             bar = min(inp.shape[-1], max(1, round(settings.bar_s * rate)))
             outputs["period"] = period_continuation(inp, lo, hi, frames)
             outputs["last_bar"] = last_bar_continuation(inp, bar, frames)
-        for name, output in outputs.items():
-            terms = generator_losses({"output": output}, inp, tgt, ctx.scfg, ctx.codec["codec"],
-                                     1.0)
-            running.add({f"val_baseline_{name}": float(terms["total"])}, weight=len(inp))
+            if ctx.scfg.objective == "next_frame":
+                forced = {"copy_last": lagged_frames(inp, tgt, 1),
+                          "bar_ago": lagged_frames(inp, tgt, bar),
+                          "period": lagged_frames(inp, tgt, best_period(inp, lo, hi))}
+        for prefix, group in (("val_baseline", outputs), ("val_tf_baseline", forced)):
+            for name, output in group.items():
+                terms = generator_losses({"output": output}, inp, tgt, ctx.scfg,
+                                         ctx.codec["codec"], 1.0)
+                running.add({f"{prefix}_{name}": float(terms["total"])}, weight=len(inp))
     return running.means(info)

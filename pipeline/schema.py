@@ -213,6 +213,18 @@ class BaselineConfig:
 
 
 @dataclass
+class NextFrameConfig:
+    guide_lags: int           # the input's frames 1..k periods back (at the phase of the frame to
+                              # predict) fed to each position, prediction
+                              # = the frame one period back + the network's (0 = no guide:
+                              # the previous frame + the network's)
+    min_lag: int              # shortest period searched, in frames (longest: half the input)
+    mix: bool = False         # the skip is a learned per-channel weighting of the guide frames
+    sampled: float = 0.0      # training: share of the target frames the second causal pass sees
+                              # as the model's own predictions (scheduled sampling; 0 = off)
+
+
+@dataclass
 class StageConfig:
     enabled_parts: list       # subset of ["transformer", "vae", "gan"]
     mode: str                 # "continuation" or "creative"
@@ -244,6 +256,11 @@ class StageConfig:
     # stage 1's structure-aware trivial baselines (jobs/validation.py); null/absent in stages
     # that compute none
     baselines: Optional[BaselineConfig] = None
+    # "chunk": the whole target chunk from the input in one non-causal pass; "next_frame":
+    # causal next-frame prediction, teacher-forced in training, free-running in validation
+    # (jobs/next_frame.py). Defaults only so that configs recorded before they existed load.
+    objective: str = "chunk"
+    next_frame: Optional[NextFrameConfig] = None   # settings of the next_frame objective
 
 
 @dataclass
