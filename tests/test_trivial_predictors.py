@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jobs.trivial_predictors import (autocorrelation, best_period, last_bar_continuation,
-                                     period_continuation, period_range, tile_end)
+from jobs.trivial_predictors import (autocorrelation, best_period, copy_last_continuation,
+                                     lagged_frames, last_bar_continuation, period_continuation,
+                                     period_range, tile_end)
 
 C, T = 8, 300
 
@@ -79,3 +80,45 @@ def test_periods_are_per_sample_and_checked():
         tile_end(x, 11, 4)
     with pytest.raises(ValueError):
         autocorrelation(x, 5, 10)
+
+
+def test_autocorrelation_equals_the_sum_over_each_lag():
+    """The FFT form gives each lag's normalised sum of products over the overlap."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, C, 90, generator=g) + torch.linspace(0, 2, 90)
+    r = autocorrelation(x, 5, 45)
+    c = (x - x.mean(dim=-1, keepdim=True)).double()
+    for lag in (5, 17, 45):
+        a, b = c[..., :90 - lag], c[..., lag:]
+        want = (a * b).sum(dim=(1, 2)) / (a.pow(2).sum(dim=(1, 2)) * b.pow(2).sum(dim=(1, 2))).sqrt()
+        assert torch.allclose(r[:, lag - 5], want, atol=1e-9)
+
+
+def test_copy_last_holds_the_inputs_last_frame():
+    x = torch.stack([periodic(p, T, seed=p) for p in (40, 64)])
+    pred = copy_last_continuation(x, 120)
+    assert pred.shape == (2, C, 120)
+    assert torch.equal(pred, x[..., -1:].expand(2, C, 120))
+    # the right answer for an input that ends on a held note
+    held = torch.cat([x[..., :-30], x[..., -30:-29].expand(2, C, 30)], dim=-1)
+    assert torch.equal(copy_last_continuation(held, T), held[..., -1:].expand(2, C, T))
+
+
+def test_lagged_frames_read_the_true_frames_lag_back():
+    """Teacher-forced yardsticks: frame t of the target from the truth `lag` frames back in
+    input + target; lag 1 copies the previous frame, a bar the frame one bar ago."""
+    full = torch.stack([periodic(p, 2 * T, seed=p) for p in (50, 75)])
+    inp, tgt = full[..., :T], full[..., T:]
+    assert torch.equal(lagged_frames(inp, tgt, 1)[..., 1:], tgt[..., :-1])
+    assert torch.equal(lagged_frames(inp, tgt, 1)[..., 0], inp[..., -1])
+    # one bar = the period: exact; per-sample lags
+    assert torch.equal(lagged_frames(inp, tgt, torch.tensor([50, 75])), tgt)
+    assert not torch.equal(lagged_frames(inp, tgt, 60), tgt)
+    # free-running, "one bar ago" continues the input with its own predictions: last_bar
+    bar = 60
+    free = torch.cat([inp, torch.zeros_like(tgt)], dim=-1)
+    for t in range(T):
+        free[..., T + t] = free[..., T + t - bar]
+    assert torch.equal(free[..., T:], last_bar_continuation(inp, bar, T))
+    with pytest.raises(ValueError):
+        lagged_frames(inp, tgt, 0)
