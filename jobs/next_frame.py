@@ -17,7 +17,9 @@ and the input's time mean; they are projected (`guide`) and added to position i'
 input, and the prediction is the first of them + the network's output: the model starts from the input's period tiled on and
 learns, per channel and per moment, how far to trust it. With `mix`, the skip is a learned
 per-channel weighting of those guide frames (`mix`, [k + 1, C], starting at the frame one
-period back alone) instead of that frame. With k = 0 there is no guide and the prediction is
+period back alone; `mix_gain` times the stored weights, so Adam moves them that much faster
+than the network's: a hundred steps at lr 1e-3 move a weight by at most ~0.1 otherwise)
+instead of that frame. With k = 0 there is no guide and the prediction is
 the previous frame plus the network's output.
 
 Scheduled sampling (`sampled` > 0, training only): a first teacher-forced pass without
@@ -71,12 +73,14 @@ class NextFrame(nn.Module):
             raise ValueError(f"next_frame.guide_lags must be >= 0 and min_lag >= 1, got "
                              f"{cfg.guide_lags} and {cfg.min_lag}")
         self.lags, self.min_lag, self.sampled = cfg.guide_lags, cfg.min_lag, cfg.sampled
+        self.mix_gain = cfg.mix_gain
         self.guide = (nn.Linear((self.lags + 1) * latent_dim, d_model) if self.lags else None)
         self.mix = None
         if self.lags and cfg.mix:
             start = torch.zeros(self.lags + 1, latent_dim, 1)
             start[0] = 1.0                                  # the frame one period back
-            self.mix = nn.Parameter(start)
+            # stored divided by mix_gain: the optimizer's steps move it mix_gain times faster
+            self.mix = nn.Parameter(start / self.mix_gain)
 
     def periods(self, inputs: Tensor) -> Tensor:
         """[B] int64: each input's best period in min_lag .. half its frames."""
@@ -104,7 +108,7 @@ class NextFrame(nn.Module):
             return seq.gather(2, positions.view(1, 1, -1).expand(seq.shape[0], seq.shape[1], -1))
         if self.mix is None:
             return views[0]
-        return sum(w * v for w, v in zip(self.mix, views))
+        return sum(w * v for w, v in zip(self.mix * self.mix_gain, views))
 
     def teacher_forced(self, core: LatentTransformer, inputs: Tensor, targets: Tensor) -> Tensor:
         """[B, C, T_out]: every target frame predicted from the input and the TRUE frames

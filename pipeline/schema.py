@@ -220,6 +220,7 @@ class NextFrameConfig:
                               # the previous frame + the network's)
     min_lag: int              # shortest period searched, in frames (longest: half the input)
     mix: bool = False         # the skip is a learned per-channel weighting of the guide frames
+    mix_gain: float = 1.0     # those weights are stored divided by this (Adam moves them faster)
     sampled: float = 0.0      # training: share of the target frames the second causal pass sees
                               # as the model's own predictions (scheduled sampling; 0 = off)
 

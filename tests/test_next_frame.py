@@ -184,3 +184,27 @@ def test_tiny_next_frame_stage1_logs_both_losses_and_feeds_stage2(tmp_path):
     assert run_stage(run_dir, "stage2") == train.EXIT_OK   # weights carried by name and shape
     report = read_json(run_dir / "stage2" / "transfer_report.json")
     assert "core.out_proj.weight" in report["loaded"]
+
+
+def test_learned_mix_starts_at_the_period_frame_and_gets_gradients():
+    g = model("stage1.next_frame.mix=true", "stage1.next_frame.mix_gain=10.0")
+    nf = g.next_frame
+    assert torch.allclose(nf.mix * nf.mix_gain, torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
+                          .expand(3, 128, 1))
+    g.train()
+    inp, tgt = latents(2, 40, 8), latents(2, 30, 9)
+    (g(inp, tgt, TEACHER_FORCED)["output"] - tgt).abs().mean().backward()
+    assert nf.mix.grad is not None and nf.mix.grad.abs().sum() > 0
+    assert g.next_frame.guide.weight.grad.abs().sum() > 0
+
+
+def test_scheduled_sampling_feeds_the_models_own_predictions():
+    """sampled 1: the pass the loss reads sees the first pass's predictions as its history."""
+    g = model("stage1.next_frame.sampled=1.0")
+    inp, tgt = latents(2, 40, 10), latents(2, 30, 11)
+    with torch.no_grad():
+        guess = g.next_frame.one_pass(g.core, inp, tgt)
+        want = g.next_frame.one_pass(g.core, inp, guess)
+        assert torch.allclose(g(inp, tgt, TEACHER_FORCED)["output"], guess)   # eval: forced
+        g.train()
+        assert torch.allclose(g(inp, tgt, TEACHER_FORCED)["output"], want, atol=1e-6)
