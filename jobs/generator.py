@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from jobs.creative_agent import CreativeAgent
-from jobs.next_frame import FREE_RUNNING, OBJECTIVES, TEACHER_FORCED, NextFrame
+from jobs.next_frame import FREE_RUNNING, OBJECTIVES, TEACHER_FORCED, NextFrame, is_next_frame
 from jobs.transformer import LatentTransformer
 from jobs.vae import HierarchicalVae
 from pipeline.schema import Config
@@ -215,20 +215,20 @@ class Generator(nn.Module):
 
 
 def next_frame_module(cfg: Config, parts: list[str]) -> NextFrame | None:
-    """The next-frame pieces when a stage of the config has objective next_frame (the first
-    such stage's settings), else None; that stage must train the transformer alone."""
+    """The next-frame pieces when a continuation stage of the config has objective
+    next_frame (the first such stage's settings), else None; that stage must train the
+    transformer alone (a creative stage ignores the objective)."""
     stages = [getattr(cfg, s) for s in ("stage1", "stage2", "stage3")]
     for scfg in stages:
         if scfg.objective not in OBJECTIVES:
             raise ValueError(f"stage objective must be one of {OBJECTIVES}, got "
                              f"{scfg.objective!r}")
-    chosen = [s for s in stages if s.objective == "next_frame"]
+    chosen = [s for s in stages if is_next_frame(s)]
     if not chosen:
         return None
-    if any(s.next_frame is None or s.enabled_parts != ["transformer"]
-           or s.mode != "continuation" for s in chosen):
-        raise ValueError("objective next_frame needs a next_frame section, enabled_parts "
-                         "[transformer] and mode continuation")
+    if any(s.next_frame is None or s.enabled_parts != ["transformer"] for s in chosen):
+        raise ValueError("objective next_frame (continuation mode) needs a next_frame "
+                         "section and enabled_parts [transformer]")
     tr = cfg.model.transformer
     return NextFrame(chosen[0].next_frame, tr.latent_dim, tr.d_model)
 

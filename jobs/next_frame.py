@@ -43,14 +43,20 @@ TEACHER_FORCED = "teacher_forced"
 FREE_RUNNING = "free_running"
 
 
+def is_next_frame(scfg: StageConfig) -> bool:
+    """Does the stage train the next-frame objective? Continuation mode only: a creative
+    stage (the PowerMuse cascade, non-causal by design) ignores the objective."""
+    return scfg.objective == "next_frame" and scfg.mode == "continuation"
+
+
 def train_mode(scfg: StageConfig) -> str:
     """The Generator.forward mode a stage trains in."""
-    return TEACHER_FORCED if scfg.objective == "next_frame" else scfg.mode
+    return TEACHER_FORCED if is_next_frame(scfg) else scfg.mode
 
 
 def eval_mode(scfg: StageConfig) -> str:
     """The mode a stage is validated in: the whole target from the input alone."""
-    return FREE_RUNNING if scfg.objective == "next_frame" else scfg.mode
+    return FREE_RUNNING if is_next_frame(scfg) else scfg.mode
 
 
 def lag_frames(seq: Tensor, positions: Tensor, periods: Tensor, k: int, length: int) -> Tensor:

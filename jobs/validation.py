@@ -15,7 +15,7 @@ from jobs import distributed
 from jobs.curriculum import mix_noise
 from jobs.evaluate import rms_pairwise_distance, spread_sums
 from jobs.losses import generator_losses
-from jobs.next_frame import TEACHER_FORCED, eval_mode
+from jobs.next_frame import TEACHER_FORCED, eval_mode, is_next_frame
 from jobs.pair_data import PairDataset
 from jobs.running_mean import Running
 from jobs.train_context import Context
@@ -58,7 +58,7 @@ def validate(ctx: Context, loader: DataLoader, epoch: int) -> dict[str, float]:
         with ctx.autocast():
             out = ctx.g(inp, tgt, eval_mode(ctx.scfg))
             terms = generator_losses(out, inp, tgt, ctx.scfg, ctx.codec["codec"], 1.0)
-            if ctx.scfg.objective == "next_frame":
+            if is_next_frame(ctx.scfg):
                 forced = ctx.g(inp, tgt, TEACHER_FORCED)
                 terms["tf_loss"] = generator_losses(forced, inp, tgt, ctx.scfg,
                                                     ctx.codec["codec"], 1.0)["total"]
@@ -118,7 +118,7 @@ def baselines(ctx: Context, train_set: PairDataset, val_loader: DataLoader) -> d
             bar = min(inp.shape[-1], max(1, round(settings.bar_s * rate)))
             outputs["period"] = period_continuation(inp, lo, hi, frames)
             outputs["last_bar"] = last_bar_continuation(inp, bar, frames)
-            if ctx.scfg.objective == "next_frame":
+            if is_next_frame(ctx.scfg):
                 forced = {"copy_last": lagged_frames(inp, tgt, 1),
                           "bar_ago": lagged_frames(inp, tgt, bar),
                           "period": lagged_frames(inp, tgt, best_period(inp, lo, hi))}

@@ -259,7 +259,8 @@ class StageConfig:
     baselines: Optional[BaselineConfig] = None
     # "chunk": the whole target chunk from the input in one non-causal pass; "next_frame":
     # causal next-frame prediction, teacher-forced in training, free-running in validation
-    # (jobs/next_frame.py). Defaults only so that configs recorded before they existed load.
+    # (jobs/next_frame.py); continuation mode only (a creative stage ignores it). Defaults
+    # only so that configs recorded before they existed load.
     objective: str = "chunk"
     next_frame: Optional[NextFrameConfig] = None   # settings of the next_frame objective
 

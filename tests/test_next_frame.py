@@ -114,6 +114,9 @@ def test_modes_follow_the_stage_objective():
         model("stage1.objective=frames")
     with pytest.raises(ValueError, match="enabled_parts"):
         model("stage2.objective=next_frame")        # stage 2 has the VAE
+    creative = config.load("demo", "local", [*SMALL, "stage1.mode=creative"])
+    assert train_mode(creative.stage1) == eval_mode(creative.stage1) == "creative"
+    assert build_generator(creative, ["transformer"]).next_frame is None   # the cascade's own
 
 
 def test_encodec_latents_random_weights():
