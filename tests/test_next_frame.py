@@ -211,3 +211,23 @@ def test_scheduled_sampling_feeds_the_models_own_predictions():
         assert torch.allclose(g(inp, tgt, TEACHER_FORCED)["output"], guess)   # eval: forced
         g.train()
         assert torch.allclose(g(inp, tgt, TEACHER_FORCED)["output"], want, atol=1e-6)
+
+
+def test_next_frame_stage1_stopped_mid_epoch_resumes_bit_for_bit(tmp_path, store):
+    """Teacher forcing with scheduled sampling (global RNG) stopped after 5 of 8 steps of
+    epoch 1 and resumed from last.pt ends with the uninterrupted run's weights exactly."""
+    from tests.test_resume_exact import StopAfter, assert_same_weights, run_in_process
+    from tests.fixtures.train_run import load_ckpt
+    runs = []
+    for name in ("ref", "cut"):
+        runs.append(make_run(tmp_path / name, f"mlflow.tracking_uri={store}", *SMALL[:-1],
+                             "stage1.objective=next_frame", "stage1.next_frame.min_lag=5",
+                             "stage1.next_frame.sampled=0.5", "stage1.batch_size=2",
+                             "stage1.epochs=2", "model.transformer.layers=1"))
+    ref, cut = runs
+    assert run_in_process(ref, "stage1") == 0
+    assert run_in_process(cut, "stage1", StopAfter(5)) == train.EXIT_PREEMPTED
+    assert run_in_process(cut, "stage1") == 0
+    a, b = load_ckpt(ref / "stage1" / "last.pt"), load_ckpt(cut / "stage1" / "last.pt")
+    assert_same_weights(a, b)
+    assert a["val_history"] == b["val_history"]
