@@ -11,8 +11,9 @@ a continuation stage leaves them idle: `Generator.idle_parameters(mode)` tells t
 to wrap it in DDP with find_unused_parameters=True.
 
 Stage 1's next-frame objective (jobs/next_frame.py) adds `next_frame.*` (its guide
-projection) when any stage of the config has objective next_frame, for the same reason;
-forward's modes "teacher_forced" and "free_running" run the core causally.
+projection and mix) to a transformer-only generator when a stage of the config has
+objective next_frame; forward's modes "teacher_forced" and "free_running" run the core
+causally. Stage 2 and 3 generators leave them out, and take the core by name and shape.
 
 Creative cascade (PowerMuse): the cascade shares the one core; cascade stage k first fuses
 its channel-concatenated view with `fuse.<k>` (a per-frame linear map back to 128 channels),
@@ -72,6 +73,10 @@ class Generator(nn.Module):
                     if "vae" in parts else None)
         self.agent = CreativeAgent(tr) if creative else None
         self.next_frame = next_frame_module(cfg, self.parts)
+        # a chunk-objective continuation stage with these parts would leave it idle
+        self.next_frame_idle = self.next_frame is not None and any(
+            list(s.enabled_parts) == self.parts and s.mode == "continuation"
+            and not is_next_frame(s) for s in (cfg.stage1, cfg.stage2, cfg.stage3))
         self.fuse = nn.ModuleList(
             nn.Linear((2 if k == 0 else 3) * tr.latent_dim, tr.latent_dim)
             for k in range(tr.cascade_stages)) if creative else None
@@ -104,8 +109,7 @@ class Generator(nn.Module):
 
     def idle_parameters(self, mode: str) -> bool:
         """True when some parameters get no gradient in `mode` (DDP needs to know)."""
-        guided = self.next_frame is not None and self.next_frame.guide is not None
-        return mode == "continuation" and (self.agent is not None or guided)
+        return mode == "continuation" and (self.agent is not None or self.next_frame_idle)
 
     def network(self, x: Tensor, sample: bool = False) -> dict[str, Tensor]:
         """One pass through core (+ VAE bottleneck): {"output"} (+ {"kl"}).
@@ -215,9 +219,10 @@ class Generator(nn.Module):
 
 
 def next_frame_module(cfg: Config, parts: list[str]) -> NextFrame | None:
-    """The next-frame pieces when a continuation stage of the config has objective
-    next_frame (the first such stage's settings), else None; that stage must train the
-    transformer alone (a creative stage ignores the objective)."""
+    """The next-frame pieces for a generator of `parts` [transformer] when a continuation
+    stage of the config has objective next_frame (the first such stage's settings), else
+    None; that stage must train the transformer alone (a creative stage ignores the
+    objective). Stages with other parts leave next_frame.* out (transfer: "unused")."""
     stages = [getattr(cfg, s) for s in ("stage1", "stage2", "stage3")]
     for scfg in stages:
         if scfg.objective not in OBJECTIVES:
@@ -229,6 +234,8 @@ def next_frame_module(cfg: Config, parts: list[str]) -> NextFrame | None:
     if any(s.next_frame is None or s.enabled_parts != ["transformer"] for s in chosen):
         raise ValueError("objective next_frame (continuation mode) needs a next_frame "
                          "section and enabled_parts [transformer]")
+    if list(parts) != ["transformer"]:   # a later stage's generator (VAE, GAN) has no use for it
+        return None
     tr = cfg.model.transformer
     return NextFrame(chosen[0].next_frame, tr.latent_dim, tr.d_model)
 

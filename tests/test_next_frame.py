@@ -185,8 +185,11 @@ def test_tiny_next_frame_stage1_logs_both_losses_and_feeds_stage2(tmp_path):
             "val_tf_baseline_bar_ago"} <= set(base)
     assert math.isfinite(read_json(run_dir / "stage1" / "order_probe.json")["order_gain"])
     assert run_stage(run_dir, "stage2") == train.EXIT_OK   # weights carried by name and shape
-    report = read_json(run_dir / "stage2" / "transfer_report.json")
+    report = read_json(run_dir / "stage2" / "transfer_report.json")["generator"]
     assert "core.out_proj.weight" in report["loaded"]
+    # stage 2's generator has no next-frame pieces: stage 1's guide and mix go unused
+    assert {"next_frame.guide.weight", "next_frame.mix"} <= set(report["unused"])
+    assert not any(n.startswith("next_frame.") for n in report["loaded"] + report["new"])
 
 
 def test_learned_mix_starts_at_the_period_frame_and_gets_gradients():
