@@ -24,6 +24,7 @@ SWEEP     ?=
 DELETE    ?=
 ROOT      ?=
 PYTEST_ARGS ?=
+DEVICE    ?=
 
 # Options shared by the pipeline targets, built only from what was given.
 RUN_OPTS = $(if $(EXP),--experiment $(EXP)) $(if $(RUN),--run $(RUN)) $(if $(DATA),--data $(DATA)) \
@@ -33,7 +34,7 @@ RUN_OPTS = $(if $(EXP),--experiment $(EXP)) $(if $(RUN),--run $(RUN)) $(if $(DAT
 ROOT_OPT = $(if $(ROOT),--root $(ROOT))
 
 .PHONY: help install lock test test-fast demo learn corpus prepare train-stage1 train-stage2 train-stage3 \
-        pipeline sweep gc status cancel resume audit generate evaluate bench mlflow-server mlflow-ui \
+        pipeline sweep gc status cancel resume audit generate evaluate bench gpu-check mlflow-server mlflow-ui \
         fetch-weights slurm-up slurm-down clean
 
 help:  ## List the targets
@@ -110,6 +111,9 @@ evaluate: $(STAMP)  ## Fréchet distance, diversity, spectral flatness and RMS a
 
 bench: $(STAMP)  ## Benchmarks against baselines; writes docs/benchmarks.md
 	$(PY) -m bench.run_all
+
+gpu-check: $(STAMP)  ## On a CUDA node (srun --gpus=1 make gpu-check): does the GPU path work, how fast; <= 5 min, table + JSON
+	$(PY) -m bench.gpu_check $(if $(DEVICE),--device $(DEVICE))
 
 # Host headers the server accepts (jobs reach it by this machine's name or a private IP).
 MLFLOW_ALLOWED_HOSTS ?= localhost:*,127.0.0.1:*,$(shell hostname):*,$(shell hostname -f):*,10.*,192.168.*,172.*
