@@ -37,9 +37,10 @@ def demo_corpus(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shared_mlflow_uri(tmp_path_factory):
-    """One sqlite MLflow store for the session (creating a store's tables takes seconds);
-    pass it as the override f"mlflow.tracking_uri={uri}"."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    """One sqlite MLflow store for the session (a copy of the empty template); pass it as
+    the override f"mlflow.tracking_uri={uri}"."""
+    from tests.fixtures.mlflow_template import seed_store
+    return seed_store(tmp_path_factory.mktemp("mlflow"))
 
 
 @pytest.fixture(scope="module")

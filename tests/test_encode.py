@@ -21,8 +21,9 @@ from pipeline.config import write_resolved
 ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def uri(tmp_path_factory) -> str:
-    """One MLflow store per module: creating a sqlite store per test costs seconds."""
-    return f"mlflow.tracking_uri=sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    """One MLflow store per module (a copy of the empty template: building one costs seconds)."""
+    from tests.fixtures.mlflow_template import seed_store
+    return f"mlflow.tracking_uri={seed_store(tmp_path_factory.mktemp('mlflow'))}"
 
 
 MEL = ["encode.codec=mel", "encode.shard_size=4", "encode.batch_size=3", "pairs.val_fraction=0.4",

@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def uri(tmp_path_factory) -> str:
-    """One MLflow store per module: creating a sqlite store per test costs seconds."""
-    return f"mlflow.tracking_uri=sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    """One MLflow store per module (a copy of the empty template: building one costs seconds)."""
+    from tests.fixtures.mlflow_template import seed_store
+    return f"mlflow.tracking_uri={seed_store(tmp_path_factory.mktemp('mlflow'))}"
 
 
 def _read(path: Path) -> list[dict]:
