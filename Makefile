@@ -57,8 +57,8 @@ lock: $(STAMP)  ## Rewrite constraints.txt from the current .venv
 test: $(STAMP)  ## Run the whole test suite (SLURM tests need `make slurm-up`, done by .ci/run)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP)  ## Tests without the SLURM and slow ones
-	$(PY) -m pytest -m "not slurm and not slow" $(PYTEST_ARGS)
+test-fast: $(STAMP)  ## Unit-level tests only: no SLURM, pipeline runs, trainers, torchrun or servers (< 3 min)
+	$(PY) -m pytest -m "not slurm and not slow and not integration" --timeout=120 $(PYTEST_ARGS)
 
 demo: $(STAMP)  ## Whole pipeline on CPU on the generated corpus (local executor): EXP=demo|musigan|powermuse|aurl|musicvae
 	$(PY) -m pipeline.run demo --experiment $(or $(EXP),demo) --cluster local $(if $(RUN),--run $(RUN)) $(OVERRIDES)

@@ -97,6 +97,7 @@ def table_rows(text: str) -> dict[str, list[str]]:
     return rows
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_quick_run_writes_every_row_with_positive_ratios(tmp_path):
     out = tmp_path / "benchmarks.md"

@@ -195,6 +195,7 @@ def test_unicode_and_space_names(tmp_path, shared_mlflow_uri):
         assert Path(rec["source"]).is_file() and rec["song_id"].isascii()
 
 
+@pytest.mark.integration
 def test_killed_run_leaves_no_array_a_rerun_trusts(tmp_path, shared_mlflow_uri):
     """SIGKILL the CLI mid-write; the re-run (CLI again) finishes the song, records a broken
     file, and still exits 0."""
@@ -228,6 +229,7 @@ def test_killed_run_leaves_no_array_a_rerun_trusts(tmp_path, shared_mlflow_uri):
     assert np.load(next(songs.glob("*.npy")), mmap_mode="r").shape == (120, 1, 48000)
 
 
+@pytest.mark.integration
 def test_job_array_shards_started_together(tmp_path):
     """Two CLI shards at once on a fresh run: one corpus, one MLflow store, all files chunked."""
     cfg = make_cfg(tmp_path, "data.demo_songs=3", "data.demo_seconds=2.0",
@@ -266,6 +268,7 @@ def test_a_worker_that_dies_is_recorded_and_the_rest_goes_on(tmp_path, shared_ml
     assert dead[0]["status"] == "failed" and "process died" in dead[0]["reason"]
 
 
+@pytest.mark.integration
 def test_cli_without_a_resolved_config_fails_clearly(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "data_prep.chunk", "--run-dir",
                               str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True)

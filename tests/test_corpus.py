@@ -90,6 +90,7 @@ def test_ensure_corpus_generates_once_and_respects_source(tmp_path):
         ensure_corpus(make_cfg(tmp_path, f"data.source={tmp_path / 'nowhere'}"), run_dir)
 
 
+@pytest.mark.integration
 def test_cli_writes_the_requested_songs(tmp_path):
     out = tmp_path / "cli"
     subprocess.run([sys.executable, "-m", "data_prep.corpus", "--out", str(out), "--songs", "2",

@@ -12,11 +12,14 @@ import subprocess
 import time
 
 import psutil
+import pytest
 import torch
 
 from tests.fixtures.train_run import (load_ckpt, make_run, run, run_stage, torchrun_cmd, env,
                                       REPO)
 from jobs import train
+
+pytestmark = pytest.mark.integration   # torchrun and training stages
 
 
 def metrics_lines(run_dir, stage):

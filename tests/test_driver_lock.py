@@ -12,6 +12,8 @@ import pytest
 from pipeline.driver_lock import LOCK_FILE, RunBusy, driver_lock
 from tests.fixtures.config import make_cfg
 
+pytestmark = pytest.mark.integration   # drivers in subprocesses
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -165,6 +165,7 @@ def test_augmented_variants_for_train_songs_only(tmp_path, uri):
         np.testing.assert_array_equal(plain.get(song, 1), store.get(song, 1))
 
 
+@pytest.mark.integration
 def test_cli_and_mlflow_metrics(tmp_path, uri):
     cfg, run_dir, _ = setup_run(tmp_path, uri, {"a": 2, "b": 2}, *MEL, "pairs.val_fraction=0.5")
     write_resolved(cfg, run_dir)

@@ -10,6 +10,8 @@ import pytest
 from pipeline import store
 from tests.fixtures.pipeline import TINY, pipeline_cli, rows_by_step, submit
 
+pytestmark = pytest.mark.integration   # pipeline runs, sweeps and continuations
+
 DATA_STEPS = ("chunk", "pairs", "encode")
 
 

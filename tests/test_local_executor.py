@@ -8,6 +8,8 @@ import pytest
 from pipeline import local_executor
 from tests.fixtures.config import make_cfg
 
+pytestmark = pytest.mark.integration   # the fork server and subprocess steps
+
 
 @pytest.mark.skipif(not local_executor.WARM, reason="the fork server is used on Linux only")
 def test_forked_step_logs_to_its_file_and_returns_its_exit_code(tmp_path):

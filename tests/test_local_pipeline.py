@@ -9,6 +9,8 @@ import pytest
 from pipeline import state
 from tests.fixtures.pipeline import pipeline_cli, rows_by_step, store_version, submit
 
+pytestmark = pytest.mark.integration   # the whole DAG and its faults, as local subprocesses
+
 ALL = ["chunk", "pairs", "encode", "stage1", "stage2", "stage3", "audit"]
 
 

@@ -61,6 +61,7 @@ def api(url: str, path: str, auth: tuple[str, str] | None = None, body: dict | N
         return resp.status, json.loads(resp.read() or b"{}")
 
 
+@pytest.mark.integration
 def test_the_server_made_private_credentials_and_refuses_requests_without_them(auth_server):
     creds = auth_server["creds"]
     assert stat.S_IMODE(creds.stat().st_mode) == 0o600
@@ -76,6 +77,7 @@ def test_the_server_made_private_credentials_and_refuses_requests_without_them(a
     assert status == 200
 
 
+@pytest.mark.integration
 def test_jobs_log_with_the_credentials_from_the_file_and_no_script_holds_them(auth_server):
     url, tmp, env = auth_server["url"], auth_server["tmp"], auth_server["env"]
     root = tmp / "runs"

@@ -81,6 +81,7 @@ def test_a_kind_chosen_in_the_ui_is_kept(tmp_path):
     assert client.get_experiment(exp.experiment_id).tags[tracking.KIND_TAG] == "genai_development"
 
 
+@pytest.mark.integration
 def test_parent_run_of_a_tiny_local_run_has_headline_params_config_and_results(tmp_path):
     root = tmp_path / "runs"
     res = submit("prepare", root, "r", cluster="local")

@@ -14,6 +14,8 @@ import pytest
 from tests.fixtures.network import free_port
 from tests.fixtures.pipeline import submit
 
+pytestmark = pytest.mark.integration   # an MLflow server and a pipeline logging to it
+
 MLFLOW = Path(sys.executable).parent / "mlflow"
 
 

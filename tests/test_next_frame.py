@@ -173,6 +173,7 @@ def test_order_probe_free_runs_from_the_permuted_input(tmp_path):
     assert permuted > 10 * ordered                     # a scrambled input loses its period
 
 
+@pytest.mark.integration
 def test_tiny_next_frame_stage1_logs_both_losses_and_feeds_stage2(tmp_path):
     run_dir = make_run(tmp_path, *SMALL[:-1], "stage1.objective=next_frame",
                        "stage1.next_frame.min_lag=5", "stage2.epochs=1")

@@ -83,6 +83,7 @@ def test_probe_figures_for_models_whose_answer_is_known(tmp_path):
     assert hits < n
 
 
+@pytest.mark.integration
 def test_tiny_stage1_writes_order_probe_and_goes_on_past_a_warned_gate(tmp_path, store, capsys):
     import mlflow
     run_dir = make_run(tmp_path, f"mlflow.tracking_uri={store}", "stage1.epochs=2",
@@ -119,6 +120,7 @@ def test_tiny_stage1_writes_order_probe_and_goes_on_past_a_warned_gate(tmp_path,
         "stage1/best.pt")
 
 
+@pytest.mark.integration
 def test_two_ranks_probe_like_one(tmp_path, store):
     one = make_run(tmp_path / "one", f"mlflow.tracking_uri={store}")
     two = make_run(tmp_path / "two", f"mlflow.tracking_uri={store}")

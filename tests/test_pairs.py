@@ -108,6 +108,7 @@ def test_no_chunk_manifest_is_a_clear_error(tmp_path, uri):
         pairs.run(tiny_cfg, run_dir)
 
 
+@pytest.mark.integration
 def test_cli_reads_the_run_config(tmp_path, uri):
     tiny_cfg, run_dir = _run(tmp_path, uri)
     write_chunks(run_dir, _songs(5), 24000, 0.1)

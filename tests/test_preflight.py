@@ -23,6 +23,7 @@ def test_a_folder_without_audio_files_is_refused_naming_the_key(tmp_path):
     check_music(cfg)
 
 
+@pytest.mark.integration
 def test_the_cli_stops_before_submitting_when_the_folder_has_no_audio(tmp_path):
     res = pipeline_cli("run", "prepare", "--cluster", "local", "--data", str(tmp_path),
                        f"run.root={tmp_path}/runs")
@@ -52,6 +53,7 @@ def test_partition_checks_name_the_key_that_asks_too_much(tmp_path):
         check_partition(cfg, ["stage1"], GPU_NODE)
 
 
+@pytest.mark.integration
 @needs_slurm
 def test_the_real_partition_is_read_and_a_step_asking_too_much_stops_the_submission(tmp_path):
     found = partitions()

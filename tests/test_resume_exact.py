@@ -85,6 +85,7 @@ def copy_run(base, dest, stage):
     return run_dir
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", ["stage1", "stage3"])
 def test_stop_signal_mid_epoch_then_resume_is_exact(tmp_path, base, reference, stage):
     final_ref, ref_lines = reference(stage)
@@ -127,6 +128,7 @@ def epoch_done(path, n):
     return check
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGUSR2])
 def test_real_signal_in_a_subprocess_then_resume_is_exact(tmp_path, base, reference, sig):
     final_ref, _ = reference("stage1")

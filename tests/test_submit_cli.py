@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.integration   # the submitter's command line in a subprocess
+
 REPO = Path(__file__).resolve().parent.parent
 
 

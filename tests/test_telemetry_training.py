@@ -12,6 +12,7 @@ from pipeline.tracking import tracking_uri
 from tests.fixtures import train_run as tf
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # a training subprocess plus a fresh MLflow store: about 40 s here
 def test_telemetry_and_system_metrics_in_the_run_of_a_tiny_training(tmp_path):
     # 12 epochs: long enough (a few seconds) for the system-metrics monitor to publish;

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pytest
 
 from pipeline import tracking
 from tests.fixtures.config import make_cfg
@@ -117,6 +118,7 @@ def test_a_store_busy_beyond_patience_records_the_loss_and_the_step_goes_on(tmp_
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+@pytest.mark.integration
 def test_drivers_starting_together_on_a_fresh_store_all_get_it(tmp_path):
     """Four processes set up one new sqlite store at the same moment: none dies on the
     table creation race, and there is one experiment."""

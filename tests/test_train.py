@@ -23,6 +23,7 @@ def metrics(run_dir, stage):
 
 # --- the chain ------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_chain_transfers_weights_stage_to_stage(tmp_path, store, capsys):
     run_dir = make_run(tmp_path, f"mlflow.tracking_uri={store}", "stage2.epochs=1",
                        "stage3.epochs=2", "stage3.sample_every=2", "generate.n=2",
@@ -73,6 +74,7 @@ def test_chain_transfers_weights_stage_to_stage(tmp_path, store, capsys):
     assert (m3[0]["alpha"], m3[1]["alpha"]) == (0.0, 0.5)
 
 
+@pytest.mark.integration
 def test_d_pretraining_never_touches_the_generator(tmp_path, store):
     run_dir = make_run(tmp_path, f"mlflow.tracking_uri={store}", "stage1.epochs=1",
                        "stage2.epochs=1", "stage3.epochs=1")
@@ -85,6 +87,7 @@ def test_d_pretraining_never_touches_the_generator(tmp_path, store):
     assert len(s3["opt_d"]["state"]) > 0          # D's did
 
 
+@pytest.mark.integration
 def test_failed_gate_exits_3_and_stops_the_chain(tmp_path, store, capsys):
     run_dir = make_run(tmp_path, f"mlflow.tracking_uri={store}", "stage1.epochs=1",
                        "stage1.gate.min_improvement=0.5")
@@ -98,6 +101,7 @@ def test_failed_gate_exits_3_and_stops_the_chain(tmp_path, store, capsys):
     assert "did not pass its validation gate" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_stage1_beats_both_trivial_baselines(tmp_path, store):
     run_dir = make_run(tmp_path, f"mlflow.tracking_uri={store}", "stage1.epochs=4")
     assert run_stage(run_dir, "stage1") == 0
@@ -110,6 +114,7 @@ def test_stage1_beats_both_trivial_baselines(tmp_path, store):
     assert all(b < a for a, b in zip(history, history[1:])) and history[-1] < 0.95 * history[0]
 
 
+@pytest.mark.integration
 def test_telemetry_and_loss_terms_reach_mlflow(tmp_path, store):
     import mlflow
     run_dir = make_run(tmp_path, f"mlflow.tracking_uri={store}", "stage1.epochs=1")
@@ -126,6 +131,7 @@ def test_telemetry_and_loss_terms_reach_mlflow(tmp_path, store):
     assert logged["train/grad_norm_g_after"] <= 1.0 + 1e-4     # clipped at stage grad_clip = 1
 
 
+@pytest.mark.integration
 def test_non_finite_loss_saves_error_checkpoint_and_exits_4(tmp_path, store, capsys):
     run_dir = make_run(tmp_path, f"mlflow.tracking_uri={store}")
     shard = run_dir / "encode" / "shards" / "latents-00000.npy"
@@ -143,6 +149,7 @@ def test_non_finite_loss_saves_error_checkpoint_and_exits_4(tmp_path, store, cap
     assert read_json(run_dir / "stage1" / "exit.json")["exit_code"] == 4
 
 
+@pytest.mark.integration
 def test_non_finite_gradient_norm_stops_training_like_a_non_finite_loss(tmp_path, store, capsys,
                                                                       monkeypatch):
     """A finite loss with an infinite gradient (e.g. from a damaged weight) must not be
@@ -163,6 +170,7 @@ def test_non_finite_gradient_norm_stops_training_like_a_non_finite_loss(tmp_path
     assert read_json(run_dir / "stage1" / "exit.json")["exit_code"] == 4
 
 
+@pytest.mark.integration
 def test_missing_inputs_exit_2_with_the_path(tmp_path, store, capsys):
     run_dir = make_run(tmp_path, f"mlflow.tracking_uri={store}")
     (run_dir / "pairs" / "val.jsonl").unlink()
@@ -231,6 +239,7 @@ def test_read_pairs_names_file_and_line(tmp_path):
         read_pairs(path)
 
 
+@pytest.mark.integration
 def test_creative_mode_trains_the_cascade_and_logs_mask_metrics(tmp_path, store, capsys):
     run_dir = make_run(tmp_path, f"mlflow.tracking_uri={store}", "stage1.mode=creative",
                        "stage1.epochs=2", "stage1.gate.min_improvement=-100.0")
@@ -249,6 +258,7 @@ def test_creative_mode_trains_the_cascade_and_logs_mask_metrics(tmp_path, store,
 
 # --- issue 11: the start-mean baseline, stage 3's diversity from noise, the gate's history --
 
+@pytest.mark.integration
 def test_stage1_baselines_include_the_start_chunks_mean_spectrum(tmp_path, store):
     from jobs.losses import generator_losses
 
@@ -325,6 +335,7 @@ def test_stage3_validation_measures_the_diversity_of_the_generator_from_noise(tm
     assert "val_diversity_ratio" not in validation.validate(ctx2, loader, 1)
 
 
+@pytest.mark.integration
 def test_stage2_gate_reads_the_history_and_fails_on_posterior_collapse(tmp_path, store):
     run_dir = make_run(tmp_path, f"mlflow.tracking_uri={store}", "stage1.epochs=1",
                        "stage2.epochs=2", "stage2.gate.last_epochs=2",
@@ -337,6 +348,7 @@ def test_stage2_gate_reads_the_history_and_fails_on_posterior_collapse(tmp_path,
     assert read_json(run_dir / "stage2" / "exit.json")["exit_code"] == train.EXIT_GATE
 
 
+@pytest.mark.integration
 def test_stage3_gate_judges_the_epochs_after_d_pretraining(tmp_path, store):
     run_dir = make_run(tmp_path, f"mlflow.tracking_uri={store}", "stage1.epochs=1",
                        "stage2.epochs=1", "stage3.epochs=3", "stage3.gate.last_epochs=2",

@@ -24,6 +24,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 # --- gradient accumulation ------------------------------------------------------------
 
+@pytest.mark.integration
 def test_two_half_batches_accumulated_equal_one_full_batch(tmp_path, store):
     full = make_run(tmp_path / "full", f"mlflow.tracking_uri={store}")
     accum = make_run(tmp_path / "accum", f"mlflow.tracking_uri={store}",
@@ -67,6 +68,7 @@ def test_accumulated_gradient_is_the_full_batch_gradient(tmp_path):
     assert scale > 1e-3 and diff < 1e-5 * scale
 
 
+@pytest.mark.integration
 def test_accumulation_over_two_ddp_ranks_equals_one_process(tmp_path, store):
     one = make_run(tmp_path / "one", f"mlflow.tracking_uri={store}", "stage1.epochs=1")
     two = make_run(tmp_path / "two", f"mlflow.tracking_uri={store}", "stage1.epochs=1",
@@ -81,6 +83,7 @@ def test_accumulation_over_two_ddp_ranks_equals_one_process(tmp_path, store):
     assert diff < 1e-4
 
 
+@pytest.mark.integration
 def test_batch_that_does_not_split_into_micro_batches_is_bad_input(tmp_path, store, capsys):
     run_dir = make_run(tmp_path, f"mlflow.tracking_uri={store}", "stage1.grad_accum_steps=3")
     assert run_stage(run_dir, "stage1") == train.EXIT_BAD_INPUT
@@ -101,6 +104,7 @@ def test_ema_update_is_the_moving_average():
     torch.testing.assert_close(ema.state_dict()["bias"], start["bias"])
 
 
+@pytest.mark.integration
 def test_ema_is_saved_and_generation_reads_it_unless_told_not_to(tmp_path, store, capsys):
     run_dir = make_run(tmp_path, f"mlflow.tracking_uri={store}", "stage1.ema_decay=0.5",
                        "generate.griffin_lim_iters=2", "evaluate.n=2")
@@ -134,6 +138,7 @@ def test_ema_is_saved_and_generation_reads_it_unless_told_not_to(tmp_path, store
 
 # --- precision and devices ------------------------------------------------------------
 
+@pytest.mark.integration
 def test_fp16_on_the_cpu_stops_with_the_reason(tmp_path, store, capsys):
     run_dir = make_run(tmp_path, f"mlflow.tracking_uri={store}", "stage1.precision=fp16")
     assert run_stage(run_dir, "stage1") == train.EXIT_BAD_INPUT
@@ -141,6 +146,7 @@ def test_fp16_on_the_cpu_stops_with_the_reason(tmp_path, store, capsys):
     assert read_json(run_dir / "stage1" / "exit.json")["exit_code"] == 2
 
 
+@pytest.mark.integration
 def test_gpus_asked_and_no_cuda_exits_2_unless_cpu_fallback_is_allowed(tmp_path, store, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -159,6 +165,7 @@ def test_gpus_asked_and_no_cuda_exits_2_unless_cpu_fallback_is_allowed(tmp_path,
 
 # --- retention, audit, step logging -----------------------------------------------------
 
+@pytest.mark.integration
 def test_keep_last_prunes_epoch_files_and_the_audit_reads_stage3_discriminators(tmp_path, store):
     run_dir = make_run(tmp_path, f"mlflow.tracking_uri={store}", "stage1.keep_last=1",
                        "stage2.epochs=1", "stage3.epochs=4", "stage3.keep_last=2",
@@ -189,6 +196,7 @@ def test_keep_last_prunes_epoch_files_and_the_audit_reads_stage3_discriminators(
 
 # --- continue a finished stage with a new schedule --------------------------------------
 
+@pytest.mark.integration
 def test_continue_from_another_checkpoint_with_new_epochs_and_lr(tmp_path, store, capsys):
     old = make_run(tmp_path / "old", f"mlflow.tracking_uri={store}", "stage1.ema_decay=0.5")
     assert run_stage(old, "stage1") == 0
@@ -237,6 +245,7 @@ def test_continue_from_another_checkpoint_with_new_epochs_and_lr(tmp_path, store
 
 # --- exact resume with accumulation, EMA and the GAN step ---------------------------------
 
+@pytest.mark.integration
 def test_stage3_with_accumulation_and_ema_resumes_exactly_mid_epoch(tmp_path, store):
     import shutil
 
