@@ -26,6 +26,7 @@ from pipeline import run_folder as rf
 from pipeline.schema import Config
 
 TINY = 1e-12   # keeps logs finite on digital silence
+AUDIO_CLIPS = 16     # clips per set decoded for loudness and flatness (decoding dominates the cost)
 NEIGHBOURS = 5       # k of the k-NN balls (Naeem et al. 2020 recommend 5)
 MAX_FRAMES = 2000    # frames per set for the k-NN figures (a seeded subsample; cdist is N^2)
 
@@ -269,7 +270,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     stage, epoch = checkpoint_origin(state, path)
     codec = run_codec(cfg, manifest)
     real = real_latents(run_dir, "val", ev.n, ev.seed)
-    reals = Reals(real, codec.decode(real), real_latents(run_dir, "train", ev.n, ev.seed),
+    reals = Reals(real, codec.decode(real[:AUDIO_CLIPS]), real_latents(run_dir, "train", ev.n, ev.seed),
                   float(manifest["frame_rate"]), ev.fft_size)
     temperature, frames = cfg.generate.temperature, int(manifest["frames"])
     made = {}
@@ -282,7 +283,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                                     temperature, seed),
                 "white": white_twin(reals.reference, ev.n, frames, seed),
                 "shuffled": shuffled_twin(real, seed)}
-        return {name: (clips, codec.decode(clips)) for name, clips in sets.items()}
+        return {name: (clips, codec.decode(clips[:AUDIO_CLIPS])) for name, clips in sets.items()}
 
     seeds = [ev.seed + k for k in range(max(ev.picks, 1))]
     table = figure_table(make_sets, reals, seeds)
