@@ -408,6 +408,8 @@ def drive(cfg: Config, run_dir: Path, executor: Executor, steps: list[str],
         data_report(run_dir)
     if args.target == "demo":
         demo_report(cfg, run_dir)
+    elif executor.synchronous and "evaluate" in steps:
+        learning_report(run_dir)
     return 0
 
 
