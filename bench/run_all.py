@@ -30,6 +30,7 @@ BENCHMARKS = {
     "encode_throughput": (("3a", "3b"), "encoding throughput"),
     "train_datapath": (("4a", "4b"), "training data path"),
     "orchestration": (("5a", "5b", "5c"), "orchestration"),
+    "train_overhead": (("7a", "7b"), "trainer overhead"),
 }
 SIZES_FILE = Path(__file__).resolve().parent / "sizes.yaml"
 
