@@ -74,13 +74,53 @@ def measure_encode(source: str, run_root: str, codec: str, sample_rate: int,
         compute_s.append(time.perf_counter() - start)
     if manifest["rows"] != len(waves):
         raise RuntimeError(f"encode step wrote {manifest['rows']} rows for {len(waves)} chunks")
+    shutil.rmtree(rf.step_dir(run_dir, rf.ENCODE), ignore_errors=True)
+    parts = step_breakdown(lambda: encode_step(cfg, run_dir))
     # each pass pairs a step with the compute-only run right after it, so drifts in this
     # shared machine's speed hit both; the median pass ratio is the figure
     ratios = [c / s for s, c in zip(step_s[1:], compute_s[1:])]
     return {"ratio": statistics.median(ratios), "ratios": ratios,
             "step_s": statistics.median(step_s[1:]), "compute_s": statistics.median(compute_s[1:]),
             "build_s": build_s, "audio_s": len(waves) * samples / sample_rate,
-            "rows": len(waves), "threads": torch.get_num_threads()}
+            "rows": len(waves), "threads": torch.get_num_threads(), "parts": parts}
+
+
+def step_breakdown(step) -> dict:
+    """Where one more (uncounted) encode step's time goes, from cProfile of its main
+    thread: the codec's encode calls, MLflow (the step's run, params, metrics, artifact),
+    building the codec, and the rest (signatures, plan, the reader and writer threads'
+    hand-overs, the float16 range check and cast, the manifest)."""
+    import cProfile
+    import pstats
+    import time as clock
+
+    profile = cProfile.Profile()
+    start = clock.perf_counter()
+    profile.runcall(step)
+    total = clock.perf_counter() - start
+    stats = pstats.Stats(profile).stats   # (file, line, name) -> (cc, nc, tt, ct, callers)
+
+    def cumulative(file_end: str, names: tuple[str, ...]) -> float:
+        return sum(v[3] for (f, _, n), v in stats.items() if f.endswith(file_end) and n in names)
+
+    encode = (cumulative("codec_mel.py", ("encode",))
+              + cumulative("codec_encodec.py", ("encode",)))
+    mlflow = cumulative("pipeline/tracking.py", ("step_run", "log_params", "log_metrics",
+                                                 "log_artifact"))
+    build = cumulative("data_prep/codecs.py", ("load_codec",))
+    # profiling slows the Python-level work, so the shares, not the seconds, are the figure
+    return {"total": total, "encode": encode, "mlflow": mlflow, "build": build,
+            "rest": max(0.0, total - encode - mlflow - build)}
+
+
+def breakdown_text(parts: dict) -> str:
+    """The profiled step's shares, in words."""
+    share = {k: parts[k] / parts["total"] for k in ("encode", "mlflow", "build", "rest")}
+    return (f"A profiled extra step (cProfile, main thread) spent {share['encode']:.0%} in the "
+            f"codec's encode, {share['mlflow']:.0%} in MLflow (the step's run, params, metrics, "
+            f"manifest artifact), {share['build']:.0%} building the codec and {share['rest']:.0%} "
+            "in the rest (signatures and plan, waiting on the reader thread, the float16 range "
+            "check and cast, handing batches to the writer thread, the manifest)")
 
 
 def run(sizes: dict, work: Path) -> list[Row]:
@@ -113,7 +153,8 @@ def run(sizes: dict, work: Path) -> list[Row]:
             f"pass, then {s[f'{codec}_repeats']} passes of (step, compute-only); the ratio is the "
             f"median of the passes' ratios ({passes}), the times are medians. The step took "
             f"{overhead:+.2f} s beyond the pure encoder time ({res['step_s']:.2f} s vs "
-            f"{res['compute_s']:.2f} s); building the codec alone takes {res['build_s']:.2f} s.",
+            f"{res['compute_s']:.2f} s); building the codec alone takes {res['build_s']:.2f} s. "
+            f"{breakdown_text(res['parts'])}.",
             raw={f"{codec}_step_x": step_x, f"{codec}_compute_x": compute_x}))
         shutil.rmtree(root / f"encode-{codec}", ignore_errors=True)
     return rows
