@@ -70,10 +70,12 @@ def bare_epoch(ctx, inputs, targets, batch: int, epoch: int) -> float:
     from jobs.curriculum import adv_weight, kl_weight
     from jobs.gan_losses import d_loss
     from jobs.losses import generator_losses
+    from jobs.next_frame import train_mode
     from jobs.train_step import generator_gan_losses
 
     scfg, g, d = ctx.scfg, ctx.g, ctx.d
-    mode, cheat, clip = scfg.mode, scfg.anti_cheat_noise, scfg.grad_clip
+    # the forward mode the trainer trains in (stage 1's next-frame objective: teacher-forced)
+    mode, cheat, clip = train_mode(scfg), scfg.anti_cheat_noise, scfg.grad_clip
     weights = {"alpha": 0.0, "kl_weight": kl_weight(epoch, scfg.kl) if scfg.kl else 0.0,
                "adv_weight": adv_weight(epoch, scfg.gan) if scfg.gan else 0.0}
     loss_ctx = SimpleNamespace(scfg=scfg, codec=ctx.codec, d=d)

@@ -36,11 +36,15 @@ def assert_same(a: torch.nn.Module, b: torch.nn.Module) -> None:
     assert moved > 0
 
 
-@pytest.mark.parametrize("stage, epoch", [("stage1", 1), ("stage3", 2)])
-def test_one_bare_step_equals_one_trainer_step(tmp_path, stage, epoch):
+@pytest.mark.parametrize("stage, epoch, objective", [("stage1", 1, "chunk"),
+                                                     ("stage1", 1, "next_frame"),
+                                                     ("stage3", 2, "chunk")])
+def test_one_bare_step_equals_one_trainer_step(tmp_path, stage, epoch, objective):
+    # stage 1 with either objective (the demo's is next_frame: teacher-forced in training);
     # stage 3 at epoch 2: past D pre-training, so the step is D's, then G's with D frozen;
     # the curriculum off, as in the benchmark
-    run_dir = make_run(tmp_path, "stage3.curriculum.rate=0.0")
+    run_dir = make_run(tmp_path, "stage3.curriculum.rate=0.0", f"stage1.objective={objective}",
+                       "model.transformer.max_frames=256")   # next_frame: input + target
     trainer, bare, inp, tgt = contexts(run_dir, stage)
     before = [p.detach().clone() for p in trainer.g.parameters()]
     torch.manual_seed(5)   # the generator's anti-cheat noise draws from the global RNG
