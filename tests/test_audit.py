@@ -244,6 +244,7 @@ def train_twin_rejecting_discriminator(cfg, run_dir, seed):
     return disc
 
 
+@pytest.mark.slow  # trains discriminators for 200 steps, then audits
 def test_a_generator_that_outputs_its_own_prior_never_reads_healthy(fresh):
     cfg, run_dir = fresh
     # alpha 1 from epoch 1: the audit's fakes are made from pure noise

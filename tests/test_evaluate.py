@@ -86,6 +86,7 @@ def test_spectral_flatness_and_rms():
         ev.spectral_flatness(sine[:100], 1024)
 
 
+@pytest.mark.slow  # the whole evaluate step on a tiny run
 def test_evaluate_step_scores_the_generator_beside_its_twins_and_logs_it(tmp_path):
     import json
 

@@ -83,6 +83,7 @@ def hold_write_lock(db: Path, seconds: float) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow  # holds the store's write lock for 24 s
 def test_a_busy_store_is_waited_on_and_nothing_is_lost(tmp_path):
     cfg = make_cfg(tmp_path, "mlflow.busy_patience_s=60")
     run_dir = tmp_path / "runs" / "t"
@@ -99,6 +100,7 @@ def test_a_busy_store_is_waited_on_and_nothing_is_lost(tmp_path):
     assert not (run_dir / "pairs" / tracking.ERRORS_FILE).exists()
 
 
+@pytest.mark.slow  # holds the store's write lock for 24 s
 def test_a_store_busy_beyond_patience_records_the_loss_and_the_step_goes_on(tmp_path, capsys):
     cfg = make_cfg(tmp_path, "mlflow.busy_patience_s=1")
     run_dir = tmp_path / "runs" / "t"
@@ -136,6 +138,7 @@ def test_drivers_starting_together_on_a_fresh_store_all_get_it(tmp_path):
     assert len({out.strip() for out, _ in results}) == 1     # one experiment id for all
 
 
+@pytest.mark.slow  # holds the store's write lock for 24 s
 def test_the_driver_reports_a_store_busy_beyond_patience_and_goes_on(tmp_path, capsys):
     cfg = make_cfg(tmp_path, "mlflow.busy_patience_s=1")
     run_dir = tmp_path / "runs" / "t"
