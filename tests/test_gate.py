@@ -329,8 +329,8 @@ def test_status_shows_the_gate_reason_of_a_failed_stage(tmp_path):
     data = json.loads((run_dir / state.STATE_FILE).read_text())
     data["steps"]["evaluate"] = {"job_id": "", "signature": "sig", "state": "COMPLETED"}
     atomic_write_json(run_dir / state.STATE_FILE, data)
-    figures = {"frechet_ratio": 0.87, "diversity_ratio": 0.109,
-               "recall_generated_vs_real": 0.0, "recall_train_vs_real": 0.7}
+    figures = {"frechet_ratio": 0.87, "two_sample_accuracy": 0.97, "periodicity": 0.105,
+               "rms_db_diff": 17.2, "two_sample_accuracy_prior": 1.0}
     atomic_write_json(run_dir / "evaluate" / "metrics.json",
                       {"checkpoint": "x", "epoch": 20, "metrics": figures})
     state.write_marker(run_dir, "evaluate", state.COMPLETED, "sig")
@@ -350,6 +350,6 @@ def test_status_shows_the_gate_reason_of_a_failed_stage(tmp_path):
     assert rows["stage3"]["note"] == f"validation gate failed: {collapse}"
     assert "val_diversity_ratio=0.1" in rows["stage3"]["metric"]
     assert reason in status.format_table(list(rows.values()))
-    # evaluate: the figures that show collapse, not only the Frechet ratio
+    # evaluate: the figures that the trivial twins fail, not the per-frame ones
     assert rows["evaluate"]["metric"] == \
-        "diversity_ratio=0.109 recall_generated_vs_real=0 frechet_ratio=0.87"
+        "two_sample_accuracy=0.97 periodicity=0.105 rms_db_diff=17.2"
