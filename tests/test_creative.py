@@ -116,8 +116,8 @@ def test_evaluation_and_audit_use_the_cascade(creative_run, tmp_path):
     bent_cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate,
                                                                       checkpoint=str(bent)))
     bent_metrics = evaluate.run(bent_cfg, run_dir)
-    assert (metrics["metrics"]["diversity_generated"]
-            != bent_metrics["metrics"]["diversity_generated"])
+    assert (metrics["metrics"]["diversity_ratio"]
+            != bent_metrics["metrics"]["diversity_ratio"])
     assert metrics["mode"] == "creative"
     manifest = run_folder.read_encode_manifest(run_dir)
     g, _ = load_generator(last, manifest)
