@@ -43,6 +43,14 @@ def shared_mlflow_uri(tmp_path_factory):
     return seed_store(tmp_path_factory.mktemp("mlflow"))
 
 
+@pytest.fixture
+def empty_store(tmp_path):
+    """The store make_cfg(tmp_path) logs to (tmp_path/runs/mlflow.db), put there as a copy
+    of the empty template, for tests that open a store but are not about building one."""
+    from tests.fixtures.mlflow_template import seed_store
+    return seed_store(tmp_path / "runs")
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """One sqlite MLflow store per test module (the trainer's tests share it)."""

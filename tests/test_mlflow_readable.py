@@ -15,6 +15,9 @@ from tests.fixtures.config import make_cfg
 from tests.fixtures.pipeline import TINY, submit
 from tests.fixtures.tiny_gan_run import build_run, save_stage3
 
+# the tests open stores, none is about building one: each starts from a copy of an empty one
+pytestmark = pytest.mark.usefixtures("empty_store")
+
 
 def client_of(cfg) -> mlflow.MlflowClient:
     return mlflow.MlflowClient(tracking.tracking_uri(cfg))

@@ -117,6 +117,7 @@ def test_peak_mem_positive_and_per_epoch():
         assert after < big - 250
 
 
+@pytest.mark.usefixtures("empty_store")
 def test_telemetry_metrics_appear_in_the_mlflow_run(tmp_path):
     from mlflow import MlflowClient
 

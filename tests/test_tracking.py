@@ -13,6 +13,7 @@ from pipeline import tracking
 from tests.fixtures.config import make_cfg
 
 
+@pytest.mark.usefixtures("empty_store")
 def test_child_runs_nest_under_parent_and_reopen_on_resume(tmp_path):
     cfg = make_cfg(tmp_path)
     run_dir = tmp_path / "runs" / "t"
@@ -34,6 +35,7 @@ def test_child_runs_nest_under_parent_and_reopen_on_resume(tmp_path):
     assert child.info.artifact_uri.startswith((tmp_path / "runs" / "mlartifacts").as_uri())
 
 
+@pytest.mark.usefixtures("empty_store")
 def test_changed_config_gets_a_new_child_run(tmp_path):
     run_dir = tmp_path / "runs" / "t"
     with tracking.step_run(make_cfg(tmp_path), run_dir, "pairs") as tr:
@@ -52,6 +54,7 @@ def test_other_ranks_log_nothing(tmp_path):
     assert not (tmp_path / "runs" / "t" / "stage1").exists()
 
 
+@pytest.mark.usefixtures("empty_store")
 def test_reopened_run_with_other_params_continues_in_a_new_child(tmp_path):
     cfg = make_cfg(tmp_path)
     run_dir = tmp_path / "runs" / "t"
