@@ -99,6 +99,7 @@ def table_rows(text: str) -> dict[str, list[str]]:
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.timeout(1800)   # every benchmark end to end: well past the suite's 900 s on a busy machine
 def test_quick_run_writes_every_row_with_positive_ratios(tmp_path):
     out = tmp_path / "benchmarks.md"
     proc = subprocess.run([sys.executable, "-m", "bench.run_all", "--sizes", "quick",
