@@ -150,7 +150,8 @@ def test_sigterm_to_a_local_stage3_then_resume_continues_from_last_pt(local_run)
     from tests.fixtures.pipeline import REPO, TINY
     root = local_run["root"]
     run_dir = root / "termed"
-    epochs = ["stage3.epochs=40", "stage3.checkpoint_every=20", "stage3.sample_every=0"]
+    total = 12   # enough that the signal lands mid-stage: it is sent once epoch 1 is saved
+    epochs = [f"stage3.epochs={total}", "stage3.checkpoint_every=6", "stage3.sample_every=0"]
     driver = subprocess.Popen(
         [sys.executable, "-m", "pipeline.run", "stage3", "--experiment", "demo", "--cluster",
          "local", "--run", "termed", f"run.root={root}", *TINY, *epochs],
@@ -163,10 +164,10 @@ def test_sigterm_to_a_local_stage3_then_resume_continues_from_last_pt(local_run)
     _, err = driver.communicate(timeout=120)
     assert driver.returncode == 1, err[-2000:]
     stopped = torch.load(run_dir / "stage3" / "last.pt", weights_only=True)["epoch"]
-    assert 1 <= stopped < 40
+    assert 1 <= stopped < total
     res = pipeline_cli("resume", "--job", "stage3", "--run", str(run_dir))
     assert res.returncode == 0, res.stderr[-3000:]
     assert rows_by_step(run_dir)["stage3"]["state"] == "COMPLETED"
-    assert torch.load(run_dir / "stage3" / "last.pt", weights_only=True)["epoch"] == 40
+    assert torch.load(run_dir / "stage3" / "last.pt", weights_only=True)["epoch"] == total
     lines = [json.loads(x) for x in (run_dir / "stage3" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["epoch"] for x in lines] == list(range(1, 41))
+    assert [x["epoch"] for x in lines] == list(range(1, total + 1))
