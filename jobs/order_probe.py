@@ -112,7 +112,10 @@ def order_probe(ctx: Context, val_set: PairDataset, sampler: GlobalBatchSampler)
     kept = {k: v.detach().clone() for k, v in model.state_dict().items()}
     was_training = model.training
     try:
-        epoch = load_best(model, rf.stage_file(ctx.run_dir, ctx.stage, rf.BEST))
+        # a continuation that never beat the best it continued from writes no best.pt of
+        # its own: its last weights are probed then, and the record says so
+        name = rf.BEST if rf.stage_file(ctx.run_dir, ctx.stage, rf.BEST).exists() else rf.LAST
+        epoch = load_best(model, rf.stage_file(ctx.run_dir, ctx.stage, name))
         model.eval()
         indices = [i for batch in sampler for i in batch]
         sums = probe_pairs(ctx, model, val_set, indices)
@@ -122,7 +125,7 @@ def order_probe(ctx: Context, val_set: PairDataset, sampler: GlobalBatchSampler)
     n, ordered, permuted, hits, chance, ranks, cands = distributed.all_reduce_sum(sums, ctx.info)
     n = max(n, 1.0)
     ordered, permuted = ordered / n, permuted / n
-    return {"checkpoint": rf.BEST, "epoch": epoch, "pairs": int(n),
+    return {"checkpoint": name, "epoch": epoch, "pairs": int(n),
             "val_loss": ordered, "val_loss_permuted": permuted,
             "order_gain": permuted / ordered - 1.0 if ordered > 0 else float("nan"),
             "retrieval_accuracy": hits / n, "retrieval_chance": chance / n,
