@@ -2,7 +2,8 @@
 
 One fresh process prepares a run folder (chunk, pairs, EnCodec encode with random
 weights; not timed), keeps the first `max_pairs` training pairs, then:
-- runs the real stage 1 (`jobs.train.run_stage`) for EPOCHS epochs and reads its telemetry
+- runs the real stage 1 (`jobs.train.run_stage`) for `epochs` epochs (sizes.yaml train.epochs,
+  default EPOCHS) and reads its telemetry
   (epoch training time and data-wait share) from stage1/metrics.jsonl; epoch 1 warms up;
 - trains the same model (same config, seed, optimizer and `generator_step`) for one
   epoch over the same pairs and batches, fed by `EncodecInGetitem`, timed with the same
@@ -26,13 +27,13 @@ EPOCHS = 16   # epoch 1 warms up; the data-wait share is pooled over the rest
 
 
 def train_config(run_root: Path, source: Path, sample_rate: int, chunk_seconds: float,
-                 batch_size: int):
+                 batch_size: int, epochs: int = EPOCHS):
     from pipeline import config
     return config.load("demo", "local", [
         f"run.root={run_root}", "run.name=train", f"data.source={source}",
         f"data.sample_rate={sample_rate}", f"data.chunk_seconds={chunk_seconds}",
         "data.num_shards=1", "encode.codec=encodec", "encode.pretrained=false",
-        "encode.device=cpu", f"stage1.epochs={EPOCHS}", f"stage1.batch_size={batch_size}",
+        "encode.device=cpu", f"stage1.epochs={epochs}", f"stage1.batch_size={batch_size}",
         "stage1.sample_every=0", "stage1.early_stop_patience=0"])
 
 
@@ -94,11 +95,12 @@ def baseline_epoch(cfg, run_dir: Path) -> dict:
 
 
 def measure(source: str, run_root: str, sample_rate: int, chunk_seconds: float,
-            batch_size: int, max_pairs: int) -> dict:
+            batch_size: int, max_pairs: int, epochs: int = EPOCHS) -> dict:
     """Pipeline stage-1 epochs, then the baseline epoch, in this one process."""
     from jobs import distributed, train
 
-    cfg = train_config(Path(run_root), Path(source), sample_rate, chunk_seconds, batch_size)
+    cfg = train_config(Path(run_root), Path(source), sample_rate, chunk_seconds, batch_size,
+                       epochs)
     run_dir = Path(run_root) / "train"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
@@ -133,7 +135,8 @@ def run(sizes: dict, work: Path) -> list[Row]:
     res = run_child("bench.train_datapath:measure",
                     {"source": str(folder), "run_root": str(root), "sample_rate": rate,
                      "chunk_seconds": s["chunk_seconds"], "batch_size": s["batch_size"],
-                     "max_pairs": s["max_pairs"]}, work / "logs" / "train.log").result
+                     "max_pairs": s["max_pairs"], "epochs": s.get("epochs", EPOCHS)},
+                    work / "logs" / "train.log").result
     speedup = res["base_epoch_s"] / res["pipe_epoch_s"]
     setup = (f"{res['samples']} training pairs of {s['chunk_seconds']:g} s chunks "
              f"({res['frames']} latent frames), batch {s['batch_size']}, demo-size transformer "
