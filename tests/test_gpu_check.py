@@ -50,6 +50,7 @@ def test_every_size_and_precision_is_a_valid_config(size, tmp_path):
             assert (scfg.precision, scfg.batch_size, scfg.epochs) == \
                 (precision, size.batch_size, size.epochs)
             assert scfg.checkpoint_every == 1 and scfg.keep_last == 0
+            assert scfg.gate.on_fail == "warn"      # a missed gate never stops the chain
         frames = int(size.chunk_seconds * 75)
         assert cfg.model.transformer.max_frames >= frames
 
